@@ -1,0 +1,66 @@
+"""Hugging Face configuration for the De-focus vision encoders."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from defocus_vlm.encoders.config import EncoderConfig
+from defocus_vlm.encoders.presets import get_preset, list_presets
+
+HEAD_TYPES = ("linear", "mlp")
+AUX_LOSSES = ("pooled", "token", "none")
+
+
+class DefocusVisionConfig(PretrainedConfig):
+    """Every :class:`~defocus_vlm.encoders.EncoderConfig` field, plus the classification heads.
+
+    head_type: "linear", or "mlp" (Linear(D, head_hidden_mult*D), Tanh, Linear: the official
+        IN-22k heads of De-focus Mamba-L).
+    aux_loss: "pooled" (the paper: CE of an auxiliary head on the mean of the patch tokens),
+        "token" (the official code: the auxiliary head on every patch token, CE averaged) or
+        "none". The training loss is (CE(class token) + aux) / 2.
+    preset: name of the preset this config was built from (informative).
+    """
+
+    model_type = "defocus_vision"
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        head_type: str | None = None,
+        head_hidden_mult: int = 3,
+        aux_loss: str = "pooled",
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        values = get_preset(preset) if preset is not None else {}
+        if head_type is None:
+            head_type = values.pop("head_type", "linear")
+        values.pop("head_type", None)
+        names = EncoderConfig.field_names()
+        values.update({k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        encoder = EncoderConfig.from_dict(values)  # validates; raises one clear error
+        for key, value in encoder.to_dict().items():
+            setattr(self, key, value)
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
+        if aux_loss not in AUX_LOSSES:
+            raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {aux_loss!r}")
+        self.preset = preset
+        self.head_type = head_type
+        self.head_hidden_mult = head_hidden_mult
+        self.aux_loss = aux_loss
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> DefocusVisionConfig:
+        """``DefocusVisionConfig.from_preset("defocus_mamba_small", num_labels=10, img_size=28)``."""
+        return cls(preset=name, **overrides)
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig.from_dict({k: getattr(self, k) for k in EncoderConfig.field_names()})
+
+    @staticmethod
+    def list_presets() -> list[str]:
+        return list_presets()

@@ -1,0 +1,76 @@
+"""Turning whatever a user passes (path, PIL, NumPy, tensor) into a clean RGB or grey PIL image,
+with one clear error for what cannot be used."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb limit, made explicit
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the reason."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(f"image too large: {path} is {w}x{h} pixels (limit {MAX_PIXELS})")
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise ImageError(f"cannot read image {path}: {err}") from err
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ImageError(f"an image array must be HxW, HxWx{{1,3,4}} or CxHxW, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return Image.fromarray(arr)
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ImageError("image array contains NaN or infinite values")
+    peak = arr.max() if arr.size else 1.0
+    scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+    return Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def to_pil(image, channels: int = 3) -> Image.Image:
+    """Convert to mode "RGB" (channels=3) or "L" (channels=1).
+
+    Grey, palette, RGBA/LA (alpha composited on white), CMYK, 16-bit and float images are
+    converted; anything else is refused with a clear message.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    if torch.is_tensor(image):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    if not isinstance(image, Image.Image):
+        raise ImageError(f"expected a PIL image, array, tensor or path, got {type(image).__name__}")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = _array_to_pil(np.asarray(image))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    target = "RGB" if channels == 3 else "L"
+    if channels not in (1, 3):
+        raise ImageError(f"only 1- or 3-channel models are supported, got {channels}")
+    return image.convert(target)

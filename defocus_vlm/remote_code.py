@@ -1,0 +1,29 @@
+"""Make saved directories loadable with ``trust_remote_code=True`` in a process that never
+imported ``defocus_vlm``: a one-line module that imports the installed package, plus an
+``auto_map`` pointing at it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SHIM = "defocus_remote.py"
+_EXPORTS = (
+    "DefocusVisionConfig", "DefocusVisionModel", "DefocusVisionForImageClassification",
+    "DefocusImageProcessor",
+)
+
+
+def write_remote_code(save_dir: str | os.PathLike, auto_map: dict[str, str], config_file: str) -> None:
+    """Write the shim next to the weights and add ``auto_map`` to ``config_file`` (a JSON in save_dir)."""
+    save_dir = Path(save_dir)
+    (save_dir / SHIM).write_text(
+        '"""Written by defocus_vlm: the model classes live in the installed package '
+        '(pip install defocus-vlm)."""\n'
+        f"from defocus_vlm import {', '.join(_EXPORTS)}  # noqa: F401\n"
+    )
+    path = save_dir / config_file
+    data = json.loads(path.read_text())
+    data["auto_map"] = {auto: f"{SHIM[:-3]}.{name}" for auto, name in auto_map.items()}
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,157 @@
+"""The encoder: patch embedding (raster order) -> class token -> causal blocks -> final norm."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from .blocks import MambaBlock, make_block
+from .config import EncoderConfig
+from .layers import PatchEmbed, drop_path_rates, init_linear, pos_embed_for_grid
+from .band_pass import BandPassFilter
+from .mixers import DefocusMambaMixer
+
+
+@dataclass
+class EncoderState:
+    """What a causal encoder carries between chunks: one cache dict per block and the position."""
+
+    caches: list[dict] = field(default_factory=list)
+    position: int = 0
+
+
+class DefocusEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_position != "none" else None
+        num_pos = cfg.grid_size[0] * cfg.grid_size[1] + (self.cls_token is not None)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, dim)) if cfg.pos_embed == "learned" else None
+        self.blocks = nn.ModuleList(make_block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(dim, eps=cfg.final_norm_eps)
+        self.grad_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            init_module(module)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    # ------------------------------------------------------------------ embedding
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        """One clear error for malformed input, before any work."""
+        cfg = self.cfg
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}")
+        _, chans, height, width = pixel_values.shape
+        if chans != cfg.in_chans:
+            raise ValueError(f"expected {cfg.in_chans} image channels, got {chans} (shape {tuple(pixel_values.shape)})")
+        if height % cfg.patch_size or width % cfg.patch_size:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}")
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or infinite values")
+
+    def num_tokens(self, height: int, width: int) -> int:
+        p = self.cfg.patch_size
+        return (height // p) * (width // p) + (self.cls_token is not None)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token sequence (B, L, D): patches in raster order with the class token placed."""
+        self.check_pixels(pixel_values)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype))
+        grid = (pixel_values.shape[-2] // self.cfg.patch_size, pixel_values.shape[-1] // self.cfg.patch_size)
+        if self.pos_embed is not None:
+            x = x + self._patch_pos_embed(grid)
+        if self.cls_token is not None:
+            cls = self.cls_token.expand(x.shape[0], -1, -1)
+            if self.pos_embed is not None:
+                cls = cls + (self.pos_embed[:, :1] if self.cfg.cls_position == "start" else self.pos_embed[:, -1:])
+            x = torch.cat([cls, x] if self.cfg.cls_position == "start" else [x, cls], dim=1)
+        return x
+
+    def _patch_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        pos = self.pos_embed
+        if self.cls_token is not None:
+            pos = pos[:, 1:] if self.cfg.cls_position == "start" else pos[:, :-1]
+        return pos_embed_for_grid(pos, self.cfg.grid_size, grid)
+
+    # ------------------------------------------------------------------ forward
+    def forward_tokens(
+        self,
+        x: torch.Tensor,
+        drop_path_rate: float | None = None,
+        output_hidden_states: bool = False,
+        state: EncoderState | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Run the blocks and the final norm on embedded tokens (optionally continuing ``state``)."""
+        rate = self.cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
+        rates = drop_path_rates(rate, len(self.blocks))
+        hidden = [x] if output_hidden_states else None
+        offset = 0 if state is None else state.position
+        if state is not None and not state.caches:
+            state.caches = [{} for _ in self.blocks]
+        for i, block in enumerate(self.blocks):
+            cache = None if state is None else state.caches[i]
+            if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rates[i], use_reentrant=False)
+            else:
+                x = block(x, rates[i], cache=cache, offset=offset)
+            if hidden is not None:
+                hidden.append(x)
+        if state is not None:
+            state.position += x.shape[1]
+        return self.norm(x.to(self.norm.weight.dtype)), hidden
+
+    def forward(self, pixel_values: torch.Tensor, drop_path_rate: float | None = None,
+                output_hidden_states: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        return self.forward_tokens(self.embed(pixel_values), drop_path_rate, output_hidden_states)
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The class token's output (mean of tokens when there is no class token)."""
+        pos = self.cfg.cls_position
+        return tokens[:, -1] if pos == "end" else tokens[:, 0] if pos == "start" else tokens.mean(1)
+
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        pos = self.cfg.cls_position
+        return tokens[:, :-1] if pos == "end" else tokens[:, 1:] if pos == "start" else tokens
+
+    # ------------------------------------------------------------------ streaming
+    def stream(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
+        """Yield final hidden states chunk by chunk; their concatenation equals ``forward``."""
+        if not self.cfg.causal:
+            raise ValueError("streaming needs a causal encoder; this one is non-causal (causal=False)")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        tokens = self.embed(pixel_values)
+        state = EncoderState()
+        for start in range(0, tokens.shape[1], chunk_size):
+            out, _ = self.forward_tokens(tokens[:, start:start + chunk_size], state=state)
+            yield out
+
+
+def init_module(module: nn.Module) -> None:
+    """Initialise one module (used at construction and by Hugging Face's weight init)."""
+    init_linear(module)
+    if isinstance(module, DefocusMambaMixer):
+        module.reset_mamba_parameters()
+    elif isinstance(module, BandPassFilter):
+        module.reset_parameters()
+    elif isinstance(module, DefocusEncoder):
+        if module.cls_token is not None:
+            nn.init.trunc_normal_(module.cls_token, std=0.02)
+        if module.pos_embed is not None:
+            nn.init.trunc_normal_(module.pos_embed, std=0.02)
+
+
+__all__ = ["DefocusEncoder", "EncoderState", "MambaBlock", "init_module"]

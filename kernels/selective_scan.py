@@ -1,0 +1,141 @@
+"""Selective scan (Mamba's S6 recurrence), mamba-ssm's tensor layout.
+
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,    y_t = C_t . h_t (+ D u_t) (* silu(z_t))
+
+u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) (already RoPE'd by the caller); D: (D,).
+Half-precision inputs are computed in float32 and returned in the input dtype.
+
+Backends
+- ``reference``: the recurrence, one token at a time (the source of truth).
+- ``chunked``: exact chunked scan in PyTorch. Inside a chunk h_t is a cumulative sum
+  rescaled by exp(P_t) with P the running log-decay; chunks are sized from the data so
+  that exp(-P) never exceeds exp(limit), which keeps it exact and overflow-free. Chunk
+  states are then carried across chunks with a short loop.
+- ``mamba_ssm``: mamba-ssm's CUDA kernel when it is importable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import resolve
+
+
+def _finish(y, u, D, z):
+    if D is not None:
+        y = y + D[:, None].to(y.dtype) * u
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
+def _compute_dtype(u):
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
+def _reference(u, delta, A, B, C, D, z, initial_state, max_chunk):
+    dt = _compute_dtype(u)
+    u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
+    decay = torch.exp(delta[..., None] * A[:, None, :])  # (B, D, L, N)
+    inp = (delta * u)[..., None] * B.transpose(1, 2)[:, None]  # (B, D, L, N)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if initial_state is None else initial_state.to(dt)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = decay[:, :, t] * h + inp[:, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)
+    return _finish(y, u, D, z), h
+
+
+def chunk_length(log_decay: torch.Tensor, max_chunk: int, limit: float) -> int:
+    """Longest chunk whose running log-decay (first step excluded) stays within ``limit``."""
+    step = float((-log_decay).amax().detach()) if log_decay.numel() else 0.0
+    if step <= 0.0 or not math.isfinite(step):
+        return max_chunk if step <= 0.0 else 1
+    return max(1, min(max_chunk, 1 + int(limit / step)))
+
+
+def _chunked(u, delta, A, B, C, D, z, initial_state, max_chunk):
+    dt = _compute_dtype(u)
+    u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    log_decay = delta[..., None] * A[:, None, :]  # (B, D, L, N), <= 0
+    inp = (delta * u)[..., None] * B.transpose(1, 2)[:, None]
+    ct = C.transpose(1, 2)[:, None]  # (B, 1, L, N)
+    limit = 60.0 if dt == torch.float32 else 600.0
+    size = min(chunk_length(log_decay, max_chunk, limit), max(length, 1))
+    pad = (-length) % size
+    if pad:
+        log_decay, inp, ct = (F.pad(t, (0, 0, 0, pad)) for t in (log_decay, inp, ct))
+    chunks = (length + pad) // size
+    log_decay = log_decay.view(batch, dim, chunks, size, n)
+    inp = inp.view(batch, dim, chunks, size, n)
+    # P_t: log-decay accumulated after each chunk's first token, so exp(P_t - P_s) (s <= t)
+    # is the decay from s to t and exp(-P) stays <= exp(limit).
+    run = log_decay.cumsum(dim=3)
+    first = log_decay[:, :, :, :1]
+    p = run - first
+    local = torch.exp(p) * torch.cumsum(torch.exp(-p) * inp, dim=3)
+    carry_in = torch.exp(run)  # decay from the previous chunk's end state to each t
+    h = u.new_zeros(batch, dim, n) if initial_state is None else initial_state.to(dt)
+    starts = []  # padding has zero log-decay and zero input, so the end state is the last token's
+    for c in range(chunks):
+        starts.append(h)
+        h = carry_in[:, :, c, -1] * h + local[:, :, c, -1]
+    states = local + carry_in * torch.stack(starts, dim=2)[:, :, :, None]
+    y = (states * ct.view(batch, 1, chunks, size, n)).sum(-1).reshape(batch, dim, -1)[..., :length]
+    return _finish(y, u, D, z), h
+
+
+def _mamba_ssm(u, delta, A, B, C, D, z, initial_state, max_chunk):  # pragma: no cover - CUDA only
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    if initial_state is not None:
+        return _chunked(u, delta, A, B, C, D, z, initial_state, max_chunk)
+    y, last = selective_scan_fn(u, delta, A.float(), B, C, D, z, return_last_state=True)
+    return y, last
+
+
+BACKENDS = {"reference": _reference, "chunked": _chunked, "mamba_ssm": _mamba_ssm}
+
+
+def _auto_for(u: torch.Tensor):
+    def choose() -> str:
+        if u.is_cuda:
+            from .registry import importable
+
+            if importable("mamba_ssm.ops.selective_scan_interface"):
+                return "mamba_ssm"
+        return "chunked"
+
+    return choose
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_last_state: bool = False,
+    max_chunk: int = 128,
+    backend: str = "auto",
+):
+    """Run the selective scan; returns y (B, D, L) and, if asked, the last state (B, D, N)."""
+    if u.dim() != 3 or delta.shape != u.shape or A.shape[0] != u.shape[1]:
+        raise ValueError(f"expected u, delta (B, D, L) and A (D, N), got {tuple(u.shape)}, "
+                         f"{tuple(delta.shape)}, {tuple(A.shape)}")
+    expected = (u.shape[0], A.shape[1], u.shape[2])
+    if tuple(B.shape) != expected or tuple(C.shape) != expected:
+        raise ValueError(f"B and C must be {expected}, got {tuple(B.shape)} and {tuple(C.shape)}")
+    name = resolve("selective_scan", backend, BACKENDS, _auto_for(u))
+    y, last = BACKENDS[name](u, delta, A, B, C, D, z, initial_state, max_chunk)
+    y = y.to(u.dtype)
+    return (y, last) if return_last_state else y
