@@ -58,6 +58,10 @@ class DefocusVisionConfig(PretrainedConfig):
         """``DefocusVisionConfig.from_preset("defocus_mamba_small", num_labels=10, img_size=28)``."""
         return cls(preset=name, **overrides)
 
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.embed_dim
+
     def encoder_config(self) -> EncoderConfig:
         return EncoderConfig.from_dict({k: getattr(self, k) for k in EncoderConfig.field_names()})
 

@@ -18,6 +18,11 @@ from .config import EncoderConfig
 from .layers import group_rms_norm, inverse_softplus
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors; float32/float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class DefocusAttention(nn.Module):
     """Softmax attention with the band-pass filter: RoPE on q, k and a per-head distance decay."""
 
@@ -146,7 +151,7 @@ class DefocusMambaMixer(nn.Module):
         """A (d_inner, d_state), all <= 0."""
         if self.A_log is None:
             return self.D.new_zeros(self.d_inner, self.d_state)
-        return -torch.exp(self._pairwise(self.A_log.float()))
+        return -torch.exp(self._pairwise(_upcast(self.A_log)))
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, offset: int = 0) -> torch.Tensor:
         length = x.shape[1]
@@ -156,16 +161,17 @@ class DefocusMambaMixer(nn.Module):
                                       state=conv_state, activation="silu")
         dt, b_in, c_in = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.freq is not None:
-            pos = torch.arange(offset, offset + length, device=x.device, dtype=torch.float32)
-            angles = rope_angles(pos / self.rope_scale_factor, self._pairwise(self.freq.float()))
+            freq = self._pairwise(_upcast(self.freq))
+            pos = torch.arange(offset, offset + length, device=x.device, dtype=freq.dtype)
+            angles = rope_angles(pos / self.rope_scale_factor, freq)
             b_in, c_in = apply_rope(b_in, angles), apply_rope(c_in, angles)
-        delta = F.softplus(self.dt_proj(dt).float()).to(dt.dtype) / self.delta_scale_factor
+        delta = F.softplus(_upcast(self.dt_proj(dt))).to(dt.dtype) / self.delta_scale_factor
         gated_in_scan = not self.group_norm_size
         ssm_state = None if cache is None else cache.get("ssm")
         y, ssm_state = selective_scan(
             u, delta.transpose(1, 2), self.decay_matrix(), b_in.transpose(1, 2).contiguous(),
             c_in.transpose(1, 2).contiguous(),
-            D=self.D.float() if gated_in_scan else None,
+            D=_upcast(self.D) if gated_in_scan else None,
             z=z.transpose(1, 2) if gated_in_scan else None,
             initial_state=ssm_state, return_last_state=True,
         )
@@ -173,7 +179,7 @@ class DefocusMambaMixer(nn.Module):
             cache["conv"], cache["ssm"] = conv_state, ssm_state
         if not gated_in_scan:
             y = group_rms_norm(y, self.group_norm_size) + self.D[:, None].to(y.dtype) * u
-            y = (y.float() * F.silu(z.transpose(1, 2).float())).to(y.dtype)
+            y = (_upcast(y) * F.silu(_upcast(z.transpose(1, 2)))).to(y.dtype)
         return self.out_proj(y.transpose(1, 2))
 
 

@@ -1,0 +1,40 @@
+"""``defocus-vlm`` command line. Each command lives in its own module under
+``defocus_vlm.commands`` and is imported only when it runs, so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module under defocus_vlm.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "presets": ("presets", "list the model presets with their sizes"),
+    "kernels": ("kernels", "show which kernel backend each op uses here, and why"),
+    "convert-official": ("convert_official", "convert an official De-focus Mamba checkpoint to an HF directory"),
+    "demo": ("demo", "run the main job end to end on bundled data"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defocus-vlm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(f"defocus_vlm.commands.{module}")
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+        print(f"defocus-vlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
