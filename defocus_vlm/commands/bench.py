@@ -1,0 +1,63 @@
+"""Benchmarks with JSON output. ``kernels``: every backend of every op, forward and
+forward+backward, at several lengths and widths. ``encoders``: images/s and memory of every
+Small preset next to timm's deit_small_patch16_224, plus the streaming step time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    k = sub.add_parser("kernels", help="time each kernel backend")
+    k.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    k.add_argument("--ops", nargs="+", default=None,
+                   choices=["attention", "retention", "selective_scan", "causal_conv1d"])
+    k.add_argument("--lengths", nargs="+", type=int, default=[197, 1024, 4096])
+    k.add_argument("--widths", nargs="+", default=["small", "base"], choices=["small", "base"])
+    k.add_argument("--repeats", type=int, default=3)
+    k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    k.add_argument("--max-sequential-length", type=int, default=None,
+                   help="skip token-by-token loops above this length (default 1024 on CPU)")
+    k.add_argument("--out", default=None, help="write the JSON here too")
+    e = sub.add_parser("encoders", help="images/s and memory of the Small presets vs timm DeiT-S")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--img-size", type=int, default=224)
+    e.add_argument("--presets", nargs="+", default=None)
+    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--stream-positions", nargs="+", type=int, default=[16, 4096])
+    e.add_argument("--out", default=None, help="write the JSON here too")
+
+
+def _emit(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA device is available here")
+    progress = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.what == "kernels":
+        from defocus_vlm.kernels.benchmark import run_kernel_benchmarks
+
+        result = run_kernel_benchmarks(args.device, args.ops, args.lengths, args.widths, args.repeats, args.dtype,
+                                       args.max_sequential_length, progress)
+    else:
+        from defocus_vlm.encoders.benchmark import run_encoder_benchmarks
+
+        result = run_encoder_benchmarks(args.device, args.batch_size, args.img_size, args.presets, args.repeats,
+                                        args.stream_positions, progress)
+    _emit(result, args.out)
+    return 0
