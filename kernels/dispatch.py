@@ -28,12 +28,18 @@ def env_override(op: str) -> str | None:
     return None
 
 
+# op -> (backend, how it was chosen) of the latest call, for ``defocus-vlm kernels``
+LAST_CHOICE: dict[str, tuple[str, str]] = {}
+
+
 def resolve(op: str, backend: str, backends: dict[str, Callable], auto: Callable[[], str]) -> str:
     """Return the backend name to use for ``op``; raise a clear error for unknown names."""
+    how = "argument"
     if backend == "auto":
-        backend = env_override(op) or "auto"
+        backend, how = env_override(op) or "auto", f"{ENV_VAR} environment variable"
     if backend == "auto":
-        backend = auto()
+        backend, how = auto(), "automatic (device, dtype, installed packages)"
     if backend not in backends:
         raise ValueError(f"unknown backend {backend!r} for {op}; available: {sorted(backends)}")
+    LAST_CHOICE[op] = (backend, how)
     return backend

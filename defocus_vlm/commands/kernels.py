@@ -1,0 +1,57 @@
+"""Show which backend each kernel op uses on this machine, how it was chosen, and which
+optional kernel packages are usable. Override with the DEFOCUS_KERNELS environment variable
+("reference", or "selective_scan=chunked,attention=sdpa")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def probe(device: str, dtype: str) -> dict:
+    """Call every op once on tiny inputs and report the backend the dispatcher picked."""
+    import torch
+
+    from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
+    from defocus_vlm.kernels.dispatch import LAST_CHOICE
+    from defocus_vlm.kernels.registry import importable
+
+    dt = getattr(torch, dtype)
+    r = lambda *s: torch.randn(*s, device=device, dtype=dt)  # noqa: E731
+    lam = -torch.rand(2, device=device)
+    with torch.no_grad():
+        defocus_attention(r(1, 2, 8, 16), r(1, 2, 8, 16), r(1, 2, 8, 16), lam)
+        retention(r(1, 2, 8, 16), r(1, 2, 8, 16), r(1, 2, 8, 16), lam)
+        selective_scan(r(1, 4, 8), r(1, 4, 8).abs(), -torch.rand(4, 2, device=device), r(1, 2, 8), r(1, 2, 8))
+        causal_conv1d(r(1, 4, 8), r(4, 4))
+    packages = {name: importable(mod) for name, mod in {
+        "mamba-ssm": "mamba_ssm.ops.selective_scan_interface", "causal-conv1d": "causal_conv1d",
+        "fla-core": "fla.ops.simple_gla", "triton": "triton", "flex_attention": "torch.nn.attention.flex_attention",
+    }.items()}
+    ops = {op: {"backend": b, "chosen_by": how} for op, (b, how) in LAST_CHOICE.items()}
+    return {"device": device, "dtype": dtype, "ops": ops, "packages": packages,
+            "note": "GPU backends (flex, fla, triton, mamba_ssm, causal_conv1d) are chosen only on CUDA"}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available here")
+    info = probe(device, args.dtype)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"device: {device}, dtype: {args.dtype}")
+    for op, choice in info["ops"].items():
+        print(f"  {op:<15} -> {choice['backend']:<10} ({choice['chosen_by']})")
+    print("optional packages: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["packages"].items()))
+    print(info["note"])
+    return 0

@@ -1,0 +1,55 @@
+"""The small CLI tools: presets, kernels (backend report), bench (tiny sizes; no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+from defocus_vlm.cli import build_parser, main
+
+
+def test_help_lists_every_command(capsys):
+    parser = build_parser()
+    text = parser.format_help()
+    for name in ("presets", "kernels", "convert-official", "bench", "demo"):
+        assert name in text
+
+
+def test_kernels_reports_backends_and_env_override(capsys, monkeypatch):
+    assert main(["kernels", "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ops"]["selective_scan"]["backend"] == "chunked"
+    assert info["ops"]["retention"]["backend"] == "chunkwise"
+    monkeypatch.setenv("DEFOCUS_KERNELS", "selective_scan=reference")
+    assert main(["kernels", "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ops"]["selective_scan"] == {"backend": "reference", "chosen_by": "DEFOCUS_KERNELS environment variable"}
+
+
+def test_bench_kernels_json_rows(tmp_path, capsys):
+    out = tmp_path / "k.json"
+    assert main(["bench", "kernels", "--ops", "selective_scan", "retention", "--lengths", "20",
+                 "--widths", "small", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    backends = {(r["op"], r["backend"], r["mode"]) for r in result["rows"]}
+    assert ("selective_scan", "chunked", "fwd+bwd") in backends
+    assert ("selective_scan", "reference", "fwd") in backends
+    assert ("retention", "chunkwise", "fwd") in backends
+    assert all(r["ms"] > 0 for r in result["rows"])
+
+
+def test_bench_encoders_streaming_columns(capsys):
+    assert main(["bench", "encoders", "--presets", "defocus_mamba_small", "--batch-size", "1", "--img-size", "32",
+                 "--repeats", "1", "--stream-positions", "4", "40"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    row = result["rows"][0]
+    assert row["model"] == "defocus_mamba_small" and row["stream_step_ms_at_40"] > 0
+    assert result["rows"][-1]["model"] == "timm:deit_small_patch16_224"
+
+
+def test_cuda_request_without_gpu_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    assert main(["bench", "kernels", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
