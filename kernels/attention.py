@@ -49,7 +49,97 @@ def _sdpa(q, k, v, log_decay, causal, q_offset, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
-BACKENDS = {"reference": _reference, "sdpa": _sdpa}
+# --- FlexAttention -----------------------------------------------------------------------------
+# The decay enters as a score_mod, so no (Lq, Lk) bias is ever materialised and its gradient reaches
+# ``log_decay`` through FlexAttention's support for captured tensors. On CUDA the call is compiled
+# (fused Triton kernels, forward and backward). On CPU the eager (unfused) path runs forward only:
+# PyTorch has no CPU backward for FlexAttention, but ``log_decay`` alone may still require grad
+# there, which is what the CPU tests check. The automatic rule never picks "flex" on CPU.
+_FLEX: dict = {}
+_BLOCK_MASKS: dict = {}
+
+
+def _flex_causal_mask(b, h, q_idx, kv_idx):  # module level: one function object, no recompiles
+    return q_idx >= kv_idx
+
+
+def _flex_score_mod(log_decay, offset, causal, masked):
+    """score + lambda_h * (t - s) with t = q_idx + offset; ``masked`` also applies causality here."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        dist = q_idx + offset - kv_idx
+        if log_decay is not None:
+            score = score + log_decay[h] * (dist if causal else dist.abs())
+        if masked:
+            score = torch.where(dist >= 0, score, -float("inf"))
+        return score
+
+    return score_mod
+
+
+def _flex_function(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if "compiled" not in _FLEX:
+        _FLEX["compiled"] = torch.compile(flex_attention)
+    return _FLEX["compiled"]
+
+
+def _flex_block_mask(length: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (length, str(device))
+    if key not in _BLOCK_MASKS:
+        if len(_BLOCK_MASKS) >= 32:
+            _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+        _BLOCK_MASKS[key] = create_block_mask(_flex_causal_mask, None, None, length, length, device=device)
+    return _BLOCK_MASKS[key]
+
+
+def _flex(q, k, v, log_decay, causal, q_offset, scale):
+    import warnings
+
+    if q.device.type != "cuda" and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise NotImplementedError(
+            "the 'flex' attention backend cannot differentiate q/k/v on CPU (PyTorch's FlexAttention "
+            "has no CPU backward); use backend='sdpa' there, or run on CUDA"
+        )
+    if log_decay is not None:
+        log_decay = log_decay.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    # Training shape (q_offset 0, Lq == Lk): block-sparse causal mask, built once per length.
+    # Streaming (q_offset > 0): causality inside the score_mod, with the offset as a tensor so
+    # that a new offset is new data, not a new compiled graph.
+    use_block_mask = causal and q_offset == 0 and q.shape[-2] == k.shape[-2]
+    block_mask = _flex_block_mask(q.shape[-2], q.device) if use_block_mask else None
+    offset = torch.tensor(q_offset, dtype=torch.int32, device=q.device)
+    masked = causal and not use_block_mask
+    score_mod = None
+    if log_decay is not None or masked:
+        score_mod = _flex_score_mod(log_decay, offset, causal, masked)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return _flex_function(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+def flex_available() -> bool:
+    """FlexAttention present, and Triton to compile it."""
+    from .registry import importable
+
+    return importable("torch.nn.attention.flex_attention") and importable("triton")
+
+
+BACKENDS = {"reference": _reference, "sdpa": _sdpa, "flex": _flex}
+
+
+def _auto_for(q: torch.Tensor, log_decay: torch.Tensor | None):
+    def choose() -> str:
+        if q.is_cuda and log_decay is not None and flex_available():
+            return "flex"
+        return "sdpa"
+
+    return choose
 
 
 def defocus_attention(
@@ -66,5 +156,5 @@ def defocus_attention(
     if q.dim() != 4 or k.shape != v.shape[:-1] + k.shape[-1:]:
         raise ValueError(f"expected (B, H, L, D) q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    name = resolve("attention", backend, BACKENDS, lambda: "sdpa")
+    name = resolve("attention", backend, BACKENDS, _auto_for(q, log_decay))
     return BACKENDS[name](q, k, v, log_decay, causal, q_offset, scale)

@@ -60,11 +60,64 @@ def _recurrent(q, k, v, log_decay, state, chunk_size):
     return torch.stack(outs, dim=-2), state
 
 
-BACKENDS = {"parallel": _parallel, "reference": _parallel, "chunkwise": _chunkwise, "recurrent": _recurrent}
+# --- fla (flash-linear-attention) -------------------------------------------------------------------
+# Retention is fla's "simple GLA" with a per-head, data-independent log decay (``g_gamma``).
+# fla's g_gamma path returns NO gradient for g_gamma (its autograd backward gives None there, checked
+# against fla-core 0.6.0's source). So when the decay must be learned, it is passed instead as the
+# per-step gate ``g`` = log_decay broadcast to (B, L, H): same recurrence, and fla's backward returns
+# dg, which autograd sums over (B, L) into d log_decay, the exact gradient. Inference uses g_gamma.
+# q and k arrive already scaled, so scale=1.0 (fla's default would multiply by Dk^-1/2 again).
+# fla picks its own chunk length (64); ``chunk_size`` is unused here. Checked once on CPU by running
+# fla-core 0.6.0's fused_recurrent_simple_gla in Triton's interpreter: output, final state and the
+# gradients of q, k, v, log_decay and the initial state matched ``_parallel`` to ~1e-6 (its chunk
+# kernel does not run in the interpreter, so the chunked path is tested on CUDA only).
+FLA_RECURRENT_MAX_LEN = 16  # at or below this many tokens (a streaming step), the recurrent kernel
 
 
-def _auto() -> str:
-    return "chunkwise"
+def _fla_call(fn, q, k, v, log_decay, state):
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    batch, heads, length = q.shape[:3]
+    need_decay_grad = torch.is_grad_enabled() and log_decay.requires_grad
+    kwargs = {"scale": 1.0, "output_final_state": True}
+    if state is not None:
+        kwargs["initial_state"] = state.to(torch.float32)
+    if "head_first" in params:  # older fla releases default to (B, H, T, D); we pass (B, T, H, D)
+        kwargs["head_first"] = False
+    if need_decay_grad or "g_gamma" not in params:
+        kwargs["g"] = log_decay.to(torch.float32)[None, None, :].expand(batch, length, heads)
+    else:
+        kwargs["g_gamma"] = log_decay.to(torch.float32)
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out, final = fn(qt, kt, vt, **kwargs)
+    return out.transpose(1, 2).to(q.dtype), final.to(q.dtype)
+
+
+def _fla(q, k, v, log_decay, state, chunk_size):  # pragma: no cover - needs CUDA + fla
+    if q.shape[-2] <= FLA_RECURRENT_MAX_LEN:
+        from fla.ops.simple_gla import fused_recurrent_simple_gla as fn
+    else:
+        from fla.ops.simple_gla import chunk_simple_gla as fn
+    return _fla_call(fn, q, k, v, log_decay, state)
+
+
+BACKENDS = {
+    "parallel": _parallel, "reference": _parallel, "chunkwise": _chunkwise, "recurrent": _recurrent,
+    "fla": _fla,
+}
+
+
+def _auto_for(q: torch.Tensor):
+    def choose() -> str:
+        if q.is_cuda:
+            from .registry import importable
+
+            if importable("fla.ops.simple_gla"):
+                return "fla"
+        return "chunkwise"
+
+    return choose
 
 
 def retention(
@@ -81,5 +134,5 @@ def retention(
         raise ValueError(f"expected (B, H, L, D) q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if log_decay.shape != (q.shape[1],):
         raise ValueError(f"log_decay must have one value per head ({q.shape[1]}), got {tuple(log_decay.shape)}")
-    name = resolve("retention", backend, BACKENDS, _auto)
+    name = resolve("retention", backend, BACKENDS, _auto_for(q))
     return BACKENDS[name](q, k, v, log_decay, state, chunk_size)

@@ -11,6 +11,8 @@ Backends
   rescaled by exp(P_t) with P the running log-decay; chunks are sized from the data so
   that exp(-P) never exceeds exp(limit), which keeps it exact and overflow-free. Chunk
   states are then carried across chunks with a short loop.
+- ``triton``: a fused Triton kernel (forward and backward), state in registers (CUDA; tested on
+  CPU under ``TRITON_INTERPRET=1``).
 - ``mamba_ssm``: mamba-ssm's CUDA kernel when it is importable.
 """
 
@@ -100,7 +102,14 @@ def _mamba_ssm(u, delta, A, B, C, D, z, initial_state, max_chunk):  # pragma: no
     return y, last
 
 
-BACKENDS = {"reference": _reference, "chunked": _chunked, "mamba_ssm": _mamba_ssm}
+def _triton(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CUDA (or the Triton interpreter)
+    from .selective_scan_triton import selective_scan_triton
+
+    y, last = selective_scan_triton(u, delta, A, B, C, D, z, initial_state)
+    return y, last.to(_compute_dtype(u))
+
+
+BACKENDS = {"reference": _reference, "chunked": _chunked, "mamba_ssm": _mamba_ssm, "triton": _triton}
 
 
 def _auto_for(u: torch.Tensor):
@@ -110,7 +119,9 @@ def _auto_for(u: torch.Tensor):
 
             if importable("mamba_ssm.ops.selective_scan_interface"):
                 return "mamba_ssm"
-        return "chunked"
+            if importable("triton"):
+                return "triton"
+        return "chunked"  # never triton on CPU: there it only runs in the (slow) interpreter
 
     return choose
 
