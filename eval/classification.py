@@ -1,0 +1,134 @@
+"""Classification metrics (pure functions) and the evaluation runner.
+
+Accuracy is accumulated as integer counts of correct predictions, so the result does not
+depend on the batch size or the number of processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    """Number of samples whose target is among the k highest logits, for each k (k is capped at
+    the number of classes). Ties are broken by the lower class index."""
+    if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    num_classes = logits.shape[1]
+    # stable ranking: sort by (-logit, class index)
+    order = torch.sort(-logits.float(), dim=1, stable=True).indices
+    out = {}
+    for k in ks:
+        kk = min(k, num_classes)
+        out[k] = int((order[:, :kk] == targets[:, None]).any(dim=1).sum())
+    return out
+
+
+def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """Top-k accuracy in percent."""
+    n = targets.shape[0]
+    return (
+        {k: 100.0 * c / n for k, c in topk_correct(logits, targets, ks).items()}
+        if n
+        else {k: 0.0 for k in ks}
+    )
+
+
+def summarize(correct: dict[int, int], total: int) -> dict:
+    out = {"samples": int(total)}
+    for k, c in correct.items():
+        out[f"top{k}"] = round(100.0 * c / total, 4) if total else 0.0
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    loader,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    ks=(1, 5),
+    reduce=None,
+) -> dict:
+    """Run ``model`` (a classifier returning ``.logits``) over ``loader`` of (pixels, labels, ...)
+    batches. ``reduce`` sums a count tensor across processes (distributed evaluation)."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(len(ks) + 1, dtype=torch.int64)
+    try:
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1]
+            if dtype is not None:
+                x = x.to(dtype)
+            logits = model(pixel_values=x).logits.float().cpu()
+            correct = topk_correct(logits, y, ks)
+            counts += torch.tensor([correct[k] for k in ks] + [y.shape[0]])
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        counts = reduce(counts)
+    return summarize(dict(zip(ks, counts[:-1].tolist(), strict=True)), int(counts[-1]))
+
+
+def _model_dirs(model_dir: Path) -> dict[str, Path]:
+    """The exported model, plus ``raw/`` beside it when training kept an EMA (main = EMA)."""
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model at {model_dir}: config.json missing (expected an exported HF directory)"
+        )
+    if (model_dir / "raw" / "config.json").is_file():
+        return {"ema": model_dir, "raw": model_dir / "raw"}
+    return {"model": model_dir}
+
+
+def run_classification_eval(
+    model_dir: str | Path,
+    data: str | Path,
+    split: str = "val",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    source: str = "auto",
+    image_column: str = "image",
+    label_column: str = "label",
+    limit: int = 0,
+    on_corrupt: str = "skip",
+) -> dict:
+    from defocus_vlm.training.data import ClassificationDataset, open_source
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    import defocus_vlm  # noqa: F401 - registers the Auto classes
+
+    if batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    model_dir = Path(model_dir)
+    results: dict = {"model_dir": str(model_dir), "data": str(data), "split": split}
+    dirs = _model_dirs(model_dir)  # check the model before reading any data
+    src = open_source(source, data, split, image_column, label_column)
+    for name, path in dirs.items():
+        model = AutoModelForImageClassification.from_pretrained(path)
+        processor = AutoImageProcessor.from_pretrained(path)
+        n_labels = model.config.num_labels
+        if len(src.classes) > n_labels:
+            raise ValueError(f"{data} has {len(src.classes)} classes but the model has {n_labels} outputs")
+
+        def transform(img, processor=processor):
+            return processor(img, return_tensors="pt")["pixel_values"][0]
+
+        ds = ClassificationDataset(src, transform, on_corrupt=on_corrupt, limit=limit)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=False, num_workers=num_workers
+        )
+        results[name] = evaluate(model, loader)
+    return results
+
+
+def write_json(results: dict, path: str | Path | None) -> str:
+    text = json.dumps(results, indent=2)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    return text

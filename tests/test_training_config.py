@@ -1,0 +1,266 @@
+"""Config parsing, schedules, parameter groups, data checks and the sampler (no training)."""
+
+from __future__ import annotations
+
+import gzip
+import math
+
+import numpy as np
+import pytest
+import torch
+from defocus_vlm.training.config import ConfigError, load_config
+from defocus_vlm.training.data import (
+    ClassificationDataset,
+    DataError,
+    EpochSampler,
+    open_source,
+    verify_source,
+)
+from defocus_vlm.training.optim import build_optimizer, param_groups
+from defocus_vlm.training.schedules import drop_path_at, lr_at, scaled_lr
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def test_packaged_configs_load():
+    from defocus_vlm.training.config import CONFIG_ROOT
+
+    files = sorted((CONFIG_ROOT / "classification").glob("*.yaml"))
+    assert len(files) >= 7
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.stage == "classification"
+
+
+def test_overrides_and_types():
+    cfg = load_config(
+        "tiny_cpu",
+        [
+            "train.epochs=5",
+            "optim.lr=1e-3",
+            "model.overrides.depth=3",
+            "augment.rand_augment=null",
+            "train.deepspeed=zero2",
+        ],
+    )
+    assert cfg.train.epochs == 5 and cfg.optim.lr == 1e-3 and cfg.model.overrides["depth"] == 3
+    assert cfg.augment.rand_augment is None
+    assert load_config("tiny_cpu", ["optim.lr=1"]).optim.lr == 1.0  # int accepted for float
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["train.epoch=3"], "did you mean train.epochs"),
+        (["trian.epochs=3"], "unknown config key 'trian'"),
+        (["train.epochs=three"], "train.epochs: expected int"),
+        (["train.epochs"], "dotted.key=value"),
+        (["data.on_corrupt=ignore"], "on_corrupt"),
+        (["train.drop_path_max=1.5"], "drop_path"),
+    ],
+)
+def test_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_cpu", override)
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config("/nonexistent.yaml")
+
+
+def test_lr_schedule_matches_formula():
+    peak, wl, ml, total, warm = 1e-3, 1e-6, 1e-5, 100, 10
+    assert scaled_lr(5e-4, 1024) == pytest.approx(1e-3)
+    assert scaled_lr(5e-4, 128) == pytest.approx(1.25e-4)
+    for s in range(total + 1):
+        got = lr_at(s, total, warm, peak, wl, ml)
+        if s < warm:
+            want = wl + (peak - wl) * s / warm
+        else:
+            want = ml + 0.5 * (peak - ml) * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        assert got == pytest.approx(want, rel=1e-12)
+    assert lr_at(warm, total, warm, peak, wl, ml) == pytest.approx(peak)
+    assert lr_at(total, total, warm, peak, wl, ml) == pytest.approx(ml)
+
+
+def test_drop_path_schedule_matches_formula():
+    E, lo, hi = 300, 0.1, 0.7
+    for e in (0, 1, 150, 299):
+        assert drop_path_at(e, E, lo, hi) == pytest.approx(lo + e / (E - 1) * (hi - lo))
+    assert drop_path_at(0, E, lo, hi) == pytest.approx(0.1)
+    assert drop_path_at(E - 1, E, lo, hi) == pytest.approx(0.7)
+    assert drop_path_at(5, E, lo, hi, "constant") == 0.7
+    assert drop_path_at(0, 1, lo, hi) == 0.7
+
+
+def test_scheduled_drop_path_reaches_layers():
+    """Layer i uses linspace(0, p(e), depth)[i]: p=0 is deterministic, p>0 is not (in training)."""
+    from defocus_vlm import DefocusVisionConfig, DefocusVisionForImageClassification
+
+    cfg = DefocusVisionConfig.from_preset(
+        "defocus_vit_tiny",
+        num_labels=3,
+        img_size=8,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+    )
+    model = DefocusVisionForImageClassification(cfg).train()
+    x = torch.randn(8, 1, 8, 8)
+    a, b = model(x, drop_path_rate=0.0).logits, model(x, drop_path_rate=0.0).logits
+    assert torch.equal(a, b)
+    c, d = model(x, drop_path_rate=0.9).logits, model(x, drop_path_rate=0.9).logits
+    assert not torch.equal(c, d)
+
+
+def test_param_groups():
+    from defocus_vlm import DefocusVisionConfig, DefocusVisionForImageClassification
+
+    for preset, extra in (
+        ("defocus_mamba_tiny", dict(dt_rank=4, group_norm_size=16)),
+        ("defocus_vit_tiny", dict(num_heads=2)),
+        ("causal_vit_tiny", dict(num_heads=2)),
+        ("defocus_retnet_tiny", dict(num_heads=2)),
+    ):
+        cfg = DefocusVisionConfig.from_preset(
+            preset, num_labels=4, img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, **extra
+        )
+        model = DefocusVisionForImageClassification(cfg)
+        decay, no_decay = param_groups(model, 0.05)
+        assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+        names = dict(model.named_parameters())
+        assert set(decay["names"]) | set(no_decay["names"]) == set(names)
+        assert not set(decay["names"]) & set(no_decay["names"])
+        for n in decay["names"]:
+            assert names[n].ndim >= 2 and not n.endswith(".bias")
+            assert not any(k in n for k in ("A_log", "freq", "decay_log", "cls_token", "pos_embed"))
+        for n in no_decay["names"]:
+            p = names[n]
+            assert (
+                p.ndim <= 1
+                or n.endswith(".bias")
+                or any(k in n for k in ("A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed"))
+            ), n
+        if preset == "defocus_mamba_tiny":
+            assert any("A_log" in n for n in no_decay["names"]) and any(
+                "freq" in n for n in no_decay["names"]
+            )
+        if preset == "causal_vit_tiny":
+            assert any("pos_embed" in n for n in no_decay["names"])
+        assert any("cls_token" in n for n in no_decay["names"])
+        assert any(n.endswith("head.weight") for n in decay["names"])
+        opt = build_optimizer(model, load_config("tiny_cpu").optim, lr=1e-3)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+# ------------------------------------------------------------------------------------------ data
+def _write_idx(root, n=6, images_magic=2051, truncate=False):
+    root.mkdir(parents=True, exist_ok=True)
+    for split in (("train", n), ("t10k", n)):
+        prefix, count = split
+        imgs = np.arange(count * 28 * 28, dtype=np.uint8).tobytes()
+        header = images_magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (count, 28, 28))
+        data = header + (imgs[:-10] if truncate else imgs)
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(data))
+        labels = (2049).to_bytes(4, "big") + count.to_bytes(4, "big") + bytes(i % 10 for i in range(count))
+        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+
+
+def test_fashion_mnist_reader():
+    src = open_source("auto", FASHION, "train")
+    assert len(src) == 60000 and len(src.classes) == 10
+    img, label = src.load(0)
+    raw = np.frombuffer(gzip.open(f"{FASHION}/train-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
+    assert np.array_equal(np.asarray(img), raw[: 28 * 28].reshape(28, 28))
+    lab = np.frombuffer(gzip.open(f"{FASHION}/train-labels-idx1-ubyte.gz").read(), np.uint8, offset=8)
+    assert label == lab[0]
+    assert len(open_source("fashion_mnist", FASHION, "val")) == 10000
+
+
+def test_data_errors_name_path_and_reason(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        open_source("auto", tmp_path / "nope", "train")
+    with pytest.raises(DataError, match="empty"):
+        open_source("imagefolder", tmp_path, "train")
+    _write_idx(tmp_path / "bad_magic", images_magic=1234)
+    with pytest.raises(DataError, match="bad magic"):
+        open_source("fashion_mnist", tmp_path / "bad_magic", "train")
+    _write_idx(tmp_path / "trunc", truncate=True)
+    with pytest.raises(DataError, match="truncated"):
+        open_source("fashion_mnist", tmp_path / "trunc", "train")
+    (tmp_path / "missing").mkdir()
+    with pytest.raises(DataError, match="file missing.*train-images"):
+        open_source("fashion_mnist", tmp_path / "missing", "train")
+
+
+def _image_folder(root, corrupt=True):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(d / f"{i}.png")
+    if corrupt:
+        (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+def test_imagefolder_corrupt_skip_or_fail(tmp_path):
+    root = _image_folder(tmp_path / "folder")
+    src = open_source("auto", root, "train")
+    assert src.classes == ["cat", "dog"] and len(src) == 7
+    broken = next(i for i in range(len(src)) if src.where(i).endswith("broken.png"))
+    with pytest.warns(UserWarning, match="1 of 7"):
+        verify_source(src, -1, "train")
+    tf = lambda img: torch.from_numpy(np.asarray(img.convert("L").resize((8, 8)), dtype=np.float32))  # noqa: E731
+    skip = ClassificationDataset(src, tf, on_corrupt="skip")
+    x, label, skipped = skip[broken]
+    assert skipped == 1 and x.shape == (8, 8)
+    fail = ClassificationDataset(src, tf, on_corrupt="fail")
+    with pytest.raises(DataError, match="broken.png"):
+        fail[broken]
+    assert len(open_source("imagefolder", root, "val")) == 6
+
+
+def test_hf_dataset_columns(tmp_path):
+    import datasets
+    from PIL import Image
+
+    imgs = [Image.fromarray(np.full((10, 10), i * 20, np.uint8)) for i in range(4)]
+    ds = datasets.Dataset.from_dict({"img": imgs, "y": [0, 1, 2, 1]}).cast_column("img", datasets.Image())
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "hf"))
+    src = open_source("auto", tmp_path / "hf", "val", image_column="img", label_column="y")
+    assert len(src) == 4 and src.classes == ["0", "1", "2"]
+    assert src.load(2)[1] == 2
+    with pytest.raises(DataError, match="no column 'image'"):
+        open_source("hf", tmp_path / "hf", "train")
+
+
+def test_sampler_shards_make_the_same_global_batches():
+    n, batch = 50, 8
+    one = EpochSampler(n, 1, 0, seed=3)
+    one.set_epoch(2)
+    full = list(one)
+    shards = []
+    for r in range(2):
+        s = EpochSampler(n, 2, r, seed=3)
+        s.set_epoch(2)
+        shards.append(list(s))
+    for b in range(n // batch):
+        g = sorted(full[b * batch : (b + 1) * batch])
+        parts = sorted(
+            shards[0][b * batch // 2 : (b + 1) * batch // 2]
+            + shards[1][b * batch // 2 : (b + 1) * batch // 2]
+        )
+        assert g == parts  # same (index, per-sample seed) pairs
+    resumed = EpochSampler(n, 1, 0, seed=3)
+    resumed.set_epoch(2, start=16)
+    assert list(resumed) == full[16:]
+    ra = EpochSampler(48, 2, 0, seed=0, repeats=3)
+    ra.set_epoch(0)
+    assert len(list(ra)) == 24

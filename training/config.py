@@ -1,0 +1,288 @@
+"""Run configuration: a YAML file plus ``dotted.key=value`` overrides, checked into dataclasses.
+
+Every item of the paper's recipe (PAPER.md §3) is a field here, so a run or an ablation is a
+config file, never a code edit. Unknown keys and wrongly typed values are refused with one
+clear message naming the key (and the closest known key)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used, with the key and the reason."""
+
+
+@dataclass
+class ModelConfig:
+    """preset: a name from ``defocus-vlm presets``; overrides: any DefocusVisionConfig field
+    (embed_dim, depth, decay, rope, ...). img_size / in_chans / num_labels come from the data."""
+
+    preset: str = "defocus_mamba_tiny"
+    patch_size: int = 16
+    aux_loss: str = "pooled"  # "pooled" (paper) | "token" (official code) | "none"
+    overrides: dict = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+    init_from: str | None = None  # an HF directory to start from (fine-tuning)
+
+
+@dataclass
+class DataConfig:
+    """source: "fashion_mnist" (IDX files under ``path``), "imagefolder" (``path``/train/<class>/...),
+    "hf" (a ``save_to_disk`` directory or a dataset loadable by ``datasets.load_dataset(path)``)
+    or "auto" (decided from what ``path`` contains)."""
+
+    source: str = "auto"
+    path: str = FASHION_MNIST_DIR
+    train_split: str = "train"
+    val_split: str = "val"
+    image_column: str = "image"
+    label_column: str = "label"
+    img_size: int = 224
+    in_chans: int = 3
+    crop_pct: float = 0.875
+    mean: list | None = None
+    std: list | None = None
+    interpolation: str = "bicubic"
+    num_workers: int = 0
+    on_corrupt: str = "skip"  # "skip" (replace with the next image, count it) | "fail"
+    verify: int = 64  # images decoded per split before training (-1 = all, 0 = none)
+    limit_train: int = 0  # use only the first N training samples (0 = all): tiny/debug runs
+    limit_val: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    """DeiT / paper recipe; all from timm. mixup/cutmix are the Beta alphas (0 = off)."""
+
+    scale: list = field(default_factory=lambda: [0.08, 1.0])
+    hflip: float = 0.5
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    random_erasing: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    repeated_aug: int = 3  # repeats per sample (timm RepeatAugSampler); 0 or 1 = off
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; the LR is ``lr * global_batch / lr_batch_ref``; warm-up then cosine, per iteration."""
+
+    lr: float = 5e-4
+    lr_batch_ref: int = 512
+    scale_lr: bool = True
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_epochs: float = 20.0
+    warmup_lr: float = 5e-7
+    min_lr: float = 5e-6
+    clip_grad: float = 10.0
+    no_decay_names: list = field(
+        default_factory=lambda: ["A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed"]
+    )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 512  # global: micro_batch_size * world_size * gradient accumulation
+    micro_batch_size: int = 0  # per process; 0 = batch_size / world_size (no accumulation)
+    max_steps: int = 0  # stop after N optimiser steps (0 = epochs decide): fixed-budget runs
+    stop_after: int = 0  # checkpoint and exit after global step N, schedule unchanged (time-sliced jobs)
+    drop_path_min: float = 0.1
+    drop_path_max: float = 0.7
+    drop_path_schedule: str = "linear"  # "linear" (rising per epoch, the paper) | "constant" (= max)
+    ema_decay: float = 0.9999  # 0 = no EMA
+    seed: int = 0
+    deepspeed: str = "zero2"  # a name in configs/deepspeed/ or a path to a JSON file
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    cpu_threads: int = 0  # torch intra-op threads (0 = torch's default); 1 is fastest on a busy CPU
+    checkpoint_every: int = 0  # optimiser steps between checkpoints (0 = only at epoch ends)
+    keep_checkpoints: int = 2
+    eval_every: int = 1  # epochs between validation passes (0 = only at the end)
+    eval_batch_size: int = 256
+    log_every: int = 10
+    output_dir: str = "runs/classification"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ClassificationRunConfig:
+    stage: str = "classification"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        t, d, a = self.train, self.data, self.augment
+        checks = [
+            (t.batch_size > 0, "train.batch_size must be positive"),
+            (t.epochs > 0, "train.epochs must be positive"),
+            (
+                0 <= t.drop_path_min <= t.drop_path_max < 1,
+                "need 0 <= train.drop_path_min <= train.drop_path_max < 1",
+            ),
+            (
+                t.drop_path_schedule in ("linear", "constant"),
+                "train.drop_path_schedule must be 'linear' or 'constant'",
+            ),
+            (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+            (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+            (d.on_corrupt in ("skip", "fail"), "data.on_corrupt must be 'skip' or 'fail'"),
+            (
+                d.source in ("auto", "fashion_mnist", "imagefolder", "hf"),
+                "data.source must be auto, fashion_mnist, imagefolder or hf",
+            ),
+            (d.in_chans in (1, 3), "data.in_chans must be 1 or 3"),
+            (
+                self.model.aux_loss in ("pooled", "token", "none"),
+                "model.aux_loss must be pooled, token or none",
+            ),
+            (0 <= a.label_smoothing < 1, "augment.label_smoothing must be in [0, 1)"),
+            (self.optim.min_lr >= 0 and self.optim.lr > 0, "optim.lr must be positive, optim.min_lr >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+STAGE_CONFIGS: dict[str, type] = {"classification": ClassificationRunConfig}
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Coerce YAML scalars to the annotated type (int -> float allowed) or raise ConfigError."""
+    hint = (
+        annotation if not isinstance(annotation, str) else eval(annotation, vars(typing) | {"types": types})
+    )  # noqa: S307
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key}: a value is required, got null")
+    for opt in options:
+        base = typing.get_origin(opt) or opt
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is str and isinstance(value, str):
+            return value
+        if base in (list, dict) and isinstance(value, base):
+            return value
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise ConfigError(f"{key}: expected {wanted}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown config key {full!r}{hint}; known keys under "
+                f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(known))}"
+            )
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            kwargs[key] = _build(hint_type, value or {}, full + ".")
+        elif key == "overrides":
+            kwargs[key] = dict(value or {})
+        else:
+            kwargs[key] = _check_value(full, value, hint_type)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value (e.g. train.epochs=10)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse value: {err}") from err
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def resolve_config_path(path: str | os.PathLike, stage: str) -> Path:
+    """A path as given, or a name under the packaged configs/<stage>/ (``tiny_cpu`` -> tiny_cpu.yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_ROOT / stage / p, CONFIG_ROOT / stage / f"{p}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"config file not found: {path} (also looked in {CONFIG_ROOT / stage})")
+
+
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | None = None, stage: str = "classification"
+) -> Any:
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGE_CONFIGS)}")
+    raw: dict = {}
+    if path is not None:
+        p = resolve_config_path(path, stage)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    if raw.get("stage", stage) != stage:
+        raise ConfigError(f"config is for stage {raw['stage']!r}, not {stage!r}")
+    cfg = _build(STAGE_CONFIGS[stage], raw, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
