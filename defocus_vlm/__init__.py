@@ -7,8 +7,9 @@ imported only by the code paths that need them.
 
 from __future__ import annotations
 
-from .configuration_defocus import DefocusVisionConfig
 from defocus_vlm.encoders.presets import list_presets
+
+from .configuration_defocus import DefocusVisionConfig
 from .image_processing_defocus import DefocusImageProcessor
 from .modeling_defocus import (
     DefocusImageClassifierOutput,

@@ -105,7 +105,8 @@ def convert_state_dict(sd: dict[str, torch.Tensor], config: DefocusVisionConfig)
                                   f"found {tuple(renamed[key].shape)}")
     unexpected = sorted(set(renamed) - set(expected))
     if unexpected:
-        raise CheckpointError(f"unexpected keys in the official checkpoint: {[_official_name(k) for k in unexpected[:5]]}")
+        names = [_official_name(k) for k in unexpected[:5]]
+        raise CheckpointError(f"unexpected keys in the official checkpoint: {names}")
     model = model.to_empty(device="cpu")
     model.load_state_dict({k: renamed[k].float() for k in expected}, strict=True, assign=True)
     return model.eval()

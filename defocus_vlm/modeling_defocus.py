@@ -13,6 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from defocus_vlm.encoders.model import DefocusEncoder, init_module
+
 from .configuration_defocus import DefocusVisionConfig
 from .remote_code import write_remote_code
 

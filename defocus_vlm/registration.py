@@ -24,7 +24,8 @@ def register_all() -> None:
     AutoModel.register(DefocusVisionConfig, DefocusVisionModel, exist_ok=True)
     AutoModelForImageClassification.register(DefocusVisionConfig, DefocusVisionForImageClassification,
                                              exist_ok=True)
-    AutoImageProcessor.register(DefocusVisionConfig, image_processor_classes={"pil": DefocusImageProcessor, "torchvision": DefocusImageProcessor},
+    backends = {"pil": DefocusImageProcessor, "torchvision": DefocusImageProcessor}
+    AutoImageProcessor.register(DefocusVisionConfig, image_processor_classes=backends,
                                 exist_ok=True)
     from defocus_vlm.encoders.timm_models import register_timm_models
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
 from defocus_vlm.kernels.rope import apply_rope
+
 from .layers import retnet_decay_init, rope_inv_freq
 
 
@@ -53,6 +53,10 @@ class BandPassFilter(nn.Module):
         """Apply RoPE to x (B, H, L, head_dim) at absolute positions offset..offset+L-1."""
         if self.rope_freq is None:
             return x
-        pos = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=self.rope_freq.dtype)
-        angles = pos[None, :, None] * self.rope_freq.repeat_interleave(2, dim=-1)[:, None, :]
+        # angles in float32 at least: in bf16, position * frequency near 200 rad is off by up to 0.5 rad
+        freq = self.rope_freq
+        if freq.dtype in (torch.float16, torch.bfloat16):
+            freq = freq.float()
+        pos = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=freq.dtype)
+        angles = pos[None, :, None] * freq.repeat_interleave(2, dim=-1)[:, None, :]
         return apply_rope(x, angles)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
 from defocus_vlm.kernels.benchmark import time_call
 
 from .config import EncoderConfig
@@ -48,7 +47,7 @@ def run_encoder_benchmarks(device: str = "cpu", batch_size: int = 8, img_size: i
         model = build(name, img_size).to(dev)
         pixels = torch.randn(batch_size, 3, img_size, img_size, device=dev)
         row: dict = {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
-        fwd = lambda m=model: m(pixels)[0] if isinstance(m, DefocusEncoder) else m(pixels)  # noqa: E731
+        fwd = lambda m=model, x=pixels: m(x)[0] if isinstance(m, DefocusEncoder) else m(x)  # noqa: E731
         if progress:
             progress(f"{name}: forward")
         model.eval()

@@ -99,7 +99,8 @@ class EncoderConfig:
             if self.embed_dim % self.num_heads:
                 raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
             if self.rope != "none" and (self.embed_dim // self.num_heads) % 2:
-                raise ValueError("RoPE needs an even head dimension")
+                raise ValueError(f"RoPE needs an even head dimension, got embed_dim {self.embed_dim} / "
+                                 f"num_heads {self.num_heads} = {self.embed_dim // self.num_heads}")
         if self.mixer == "mamba":
             if self.d_state % 2 and self.rope != "none":
                 raise ValueError(f"RoPE on B/C needs an even d_state, got {self.d_state}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,6 +57,10 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x32 = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # A half-precision weight sets the output dtype: a bf16 MambaBlock hands its float32
+        # residual (residual_in_fp32) to this norm and needs bf16 out for its bf16 projections.
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            dtype = self.weight.dtype
         return self.weight * normed.to(dtype)
 
 

@@ -10,9 +10,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
 from defocus_vlm.kernels.rope import apply_rope, rope_angles
+
 from .band_pass import BandPassFilter
 from .config import EncoderConfig
 from .layers import group_rms_norm, inverse_softplus

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from .band_pass import BandPassFilter
 from .blocks import MambaBlock, make_block
 from .config import EncoderConfig
 from .layers import PatchEmbed, drop_path_rates, init_linear, pos_embed_for_grid
-from .band_pass import BandPassFilter
 from .mixers import DefocusMambaMixer
 
 
@@ -133,7 +133,9 @@ class DefocusEncoder(nn.Module):
             raise ValueError("streaming needs a causal encoder; this one is non-causal (causal=False)")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        tokens = self.embed(pixel_values)
+        return self._stream_chunks(self.embed(pixel_values), chunk_size)  # errors above are raised at call time
+
+    def _stream_chunks(self, tokens: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
         state = EncoderState()
         for start in range(0, tokens.shape[1], chunk_size):
             out, _ = self.forward_tokens(tokens[:, start:start + chunk_size], state=state)

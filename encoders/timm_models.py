@@ -66,7 +66,6 @@ def _factory(preset: str):
 def register_timm_models() -> list[str]:
     """Register every preset that timm does not already name; returns the registered names."""
     import timm.models
-
     from timm.models import register_model
 
     done = []

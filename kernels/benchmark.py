@@ -16,11 +16,11 @@ from .attention import BACKENDS as ATTENTION_BACKENDS
 from .attention import defocus_attention
 from .causal_conv1d import BACKENDS as CONV_BACKENDS
 from .causal_conv1d import causal_conv1d
+from .registry import importable
 from .retention import BACKENDS as RETENTION_BACKENDS
 from .retention import retention
 from .selective_scan import BACKENDS as SCAN_BACKENDS
 from .selective_scan import selective_scan
-from .registry import importable
 
 WIDTHS = {"small": 384, "base": 768}  # model width; heads of 64, d_inner = 2 * width, d_state 16
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 
-@lru_cache(maxsize=None)
+@cache
 def has_module(name: str) -> bool:
     """Installed (found on the path), without importing it."""
     try:
@@ -16,7 +16,7 @@ def has_module(name: str) -> bool:
         return False
 
 
-@lru_cache(maxsize=None)
+@cache
 def importable(name: str) -> bool:
     """Actually imports: mamba-ssm, for one, installs without its CUDA extension."""
     if not has_module(name.split(".")[0]):

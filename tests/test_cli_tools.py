@@ -22,7 +22,8 @@ def test_kernels_reports_backends_and_env_override(capsys, monkeypatch):
     monkeypatch.setenv("DEFOCUS_KERNELS", "selective_scan=reference")
     assert main(["kernels", "--device", "cpu", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["ops"]["selective_scan"] == {"backend": "reference", "chosen_by": "DEFOCUS_KERNELS environment variable"}
+    expected = {"backend": "reference", "chosen_by": "DEFOCUS_KERNELS environment variable"}
+    assert info["ops"]["selective_scan"] == expected
 
 
 def test_bench_kernels_json_rows(tmp_path, capsys):

@@ -69,7 +69,7 @@ def official_forward(sd: dict[str, torch.Tensor], img: torch.Tensor, mlp_head: b
         dt, b_in, c_in = dbc[..., :RANK], dbc[..., RANK:RANK + N], dbc[..., RANK + N:]
         freq = sd[p + "freq"]
 
-        def rope(v: torch.Tensor) -> torch.Tensor:
+        def rope(v: torch.Tensor, freq: torch.Tensor = freq) -> torch.Tensor:
             out = torch.empty_like(v)
             for t in range(length):
                 for pair in range(N // 2):
@@ -84,7 +84,8 @@ def official_forward(sd: dict[str, torch.Tensor], img: torch.Tensor, mlp_head: b
         state = torch.zeros(x.shape[0], INNER, N, dtype=x.dtype)
         ys = []
         for t in range(length):
-            state = torch.exp(delta[:, t, :, None] * a) * state + delta[:, t, :, None] * b_in[:, t, None, :] * u[:, t, :, None]
+            inp = delta[:, t, :, None] * b_in[:, t, None, :] * u[:, t, :, None]
+            state = torch.exp(delta[:, t, :, None] * a) * state + inp
             ys.append((state * c_in[:, t, None, :]).sum(-1))
         y = torch.stack(ys, dim=1)  # (B, L, E)
         groups = y.reshape(*y.shape[:2], INNER // 64, 64)

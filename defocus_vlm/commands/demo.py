@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
             chunks = list(model.defocus.stream(pixels, args.chunk_size))
             streamed = torch.cat(chunks, dim=1)
             diff = (streamed - out.last_hidden_state).abs().max().item()
-            print(f"streamed in {len(chunks)} chunks of <= {args.chunk_size} tokens: max |streamed - one-shot| = {diff:.2e}")
+            print(f"streamed in {len(chunks)} chunks of <= {args.chunk_size} tokens: "
+                  f"max |streamed - one-shot| = {diff:.2e}")
         probs = model(pixels).logits.softmax(-1)
     top = probs.topk(3, dim=-1)
     for name, p, idx in zip(photos, top.values, top.indices):
