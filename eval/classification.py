@@ -1,10 +1,16 @@
 """Classification metrics (pure functions) and the evaluation runner.
 
+CLI: ``defocus-vlm eval classification --model DIR --data PATH [--split val]``. DATA is a
+Fashion-MNIST IDX directory, an image folder (PATH/<split>/<class>/<image>) or a ``datasets``
+directory with image and label columns; the JSON holds top-1 / top-5 for the EMA and the raw
+weights when the export holds both.
+
 Accuracy is accumulated as integer counts of correct predictions, so the result does not
 depend on the batch size or the number of processes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -132,3 +138,32 @@ def write_json(results: dict, path: str | Path | None) -> str:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text + "\n")
     return text
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="exported HF model directory")
+    parser.add_argument("--data", required=True, help="dataset path")
+    parser.add_argument("--split", default="val", help="split (default: val)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--source", default="auto", choices=["auto", "fashion_mnist", "imagefolder", "hf"])
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
+    parser.add_argument("--output", default=None, help="also write the JSON here")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    results = run_classification_eval(
+        args.model,
+        args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        source=args.source,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        limit=args.limit,
+    )
+    print(write_json(results, args.output))
+    return 0

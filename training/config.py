@@ -166,7 +166,22 @@ class ClassificationRunConfig:
                 raise ConfigError(message)
 
 
-STAGE_CONFIGS: dict[str, type] = {"classification": ClassificationRunConfig}
+# stage -> its run-config dataclass, or "module:Class" under defocus_vlm.training (imported lazily, so
+# stage modules can import this file). Every run config has ``optim: OptimConfig``, ``train: TrainConfig``
+# and a ``validate()`` method.
+STAGE_CONFIGS: dict[str, type | str] = {"classification": ClassificationRunConfig}
+
+
+def stage_config_class(stage: str) -> type:
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGE_CONFIGS)}")
+    entry = STAGE_CONFIGS[stage]
+    if isinstance(entry, str):
+        import importlib
+
+        module, name = entry.split(":")
+        entry = getattr(importlib.import_module(f"defocus_vlm.training.{module}"), name)
+    return entry
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -265,8 +280,7 @@ def resolve_config_path(path: str | os.PathLike, stage: str) -> Path:
 def load_config(
     path: str | os.PathLike | None, overrides: list[str] | None = None, stage: str = "classification"
 ) -> Any:
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGE_CONFIGS)}")
+    config_class = stage_config_class(stage)
     raw: dict = {}
     if path is not None:
         p = resolve_config_path(path, stage)
@@ -279,7 +293,7 @@ def load_config(
     raw = apply_overrides(raw, overrides or [])
     if raw.get("stage", stage) != stage:
         raise ConfigError(f"config is for stage {raw['stage']!r}, not {stage!r}")
-    cfg = _build(STAGE_CONFIGS[stage], raw, "")
+    cfg = _build(config_class, raw, "")
     cfg.validate()
     return cfg
 

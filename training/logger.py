@@ -78,8 +78,8 @@ class RunLogger:
             self.writer.close()
 
 
-def plot_curve(history_file: Path, out: Path) -> Path | None:
-    """Loss and LR per step, validation top-1 per evaluation: one PNG."""
+def plot_curve(history_file: Path, out: Path, metric: str | None = "top1") -> Path | None:
+    """Loss and LR per step, and the validation ``metric`` per evaluation: one PNG."""
     if not history_file.is_file():
         return None
     import matplotlib
@@ -93,9 +93,9 @@ def plot_curve(history_file: Path, out: Path) -> Path | None:
         rec = json.loads(line)
         if "loss" in rec:
             seen[rec["step"]] = (rec["loss"], rec["lr"])  # a resumed run rewrites later steps
-        elif "val" in rec and "top1" in rec["val"]:
+        elif metric and metric in rec.get("val", {}):
             ev_steps.append(rec["step"])
-            ev_top1.append(rec["val"]["top1"])
+            ev_top1.append(rec["val"][metric])
     for s in sorted(seen):
         steps.append(s)
         losses.append(seen[s][0])
@@ -106,7 +106,7 @@ def plot_curve(history_file: Path, out: Path) -> Path | None:
     axes[1].plot(steps, lrs)
     axes[1].set(title="learning rate", xlabel="step")
     axes[2].plot(ev_steps, ev_top1, marker="o")
-    axes[2].set(title="val top-1 (%)", xlabel="step")
+    axes[2].set(title=f"val {metric}", xlabel="step")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -1,43 +1,28 @@
-"""Evaluate a model: ``defocus-vlm eval classification --model DIR --data PATH [--split val]``.
+"""Evaluate a model: ``defocus-vlm eval TASK --model DIR ...``.
 
-Prints JSON with top-1 / top-5 (for the EMA and the raw weights when the export holds both).
-DATA is a Fashion-MNIST IDX directory, an image folder (PATH/<split>/<class>/<image>) or a
-``datasets`` directory with image and label columns."""
+Each task lives in its own module under ``defocus_vlm.eval`` exposing ``add_cli_arguments(parser)``
+and ``run_cli(args) -> int``; ``defocus-vlm eval TASK --help`` lists that task's options. Results are
+printed as JSON (and written where ``--output`` says)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
-TASKS = {"classification": "defocus_vlm.eval.classification"}  # later: zeroshot, retrieval, vqa
+# task -> (module under defocus_vlm.eval, one-line help)
+TASKS: dict[str, tuple[str, str]] = {
+    "classification": ("classification", "top-1/top-5 of an exported classifier on a labelled dataset"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", choices=sorted(TASKS), help="what to evaluate")
-    parser.add_argument("--model", required=True, help="exported HF model directory")
-    parser.add_argument("--data", required=True, help="dataset path")
-    parser.add_argument("--split", default="val", help="split (default: val)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--source", default="auto", choices=["auto", "fashion_mnist", "imagefolder", "hf"])
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--label-column", default="label")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
-    parser.add_argument("--output", default=None, help="also write the JSON here")
+    sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name, (module, help_text) in TASKS.items():
+        mod = importlib.import_module(f"defocus_vlm.eval.{module}")
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().split("\n\n")[0])
+        mod.add_cli_arguments(p)
+        p.set_defaults(_task_run=mod.run_cli)
 
 
 def run(args: argparse.Namespace) -> int:
-    from defocus_vlm.eval.classification import run_classification_eval, write_json
-
-    results = run_classification_eval(
-        args.model,
-        args.data,
-        split=args.split,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        source=args.source,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        limit=args.limit,
-    )
-    print(write_json(results, args.output))
-    return 0
+    return int(args._task_run(args) or 0)
