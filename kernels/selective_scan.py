@@ -52,12 +52,22 @@ def _reference(u, delta, A, B, C, D, z, initial_state, max_chunk):
     return _finish(y, u, D, z), h
 
 
-def chunk_length(log_decay: torch.Tensor, max_chunk: int, limit: float) -> int:
-    """Longest chunk whose running log-decay (first step excluded) stays within ``limit``."""
-    step = float((-log_decay).amax().detach()) if log_decay.numel() else 0.0
-    if step <= 0.0 or not math.isfinite(step):
-        return max_chunk if step <= 0.0 else 1
-    return max(1, min(max_chunk, 1 + int(limit / step)))
+def max_decay_rate(delta: torch.Tensor, A: torch.Tensor) -> float:
+    """max over (b, d, l, n) of -delta[b, d, l] * A[d, n], without building the (B, D, L, N) product:
+    a product's extremes over l and n are among the four products of their extremes."""
+    if delta.numel() == 0 or A.numel() == 0:
+        return 0.0
+    d_hi, d_lo = delta.detach().amax(-1), delta.detach().amin(-1)  # (B, D)
+    a_hi, a_lo = (-A.detach()).amax(-1), (-A.detach()).amin(-1)  # (D,)
+    return float(torch.stack([d_hi * a_hi, d_hi * a_lo, d_lo * a_hi, d_lo * a_lo]).amax())
+
+
+def chunk_length(rate: float, max_chunk: int, limit: float) -> int:
+    """Longest chunk whose running log-decay (first step excluded) stays within ``limit`` when each
+    step decays by at most ``rate`` (see :func:`max_decay_rate`)."""
+    if rate <= 0.0 or not math.isfinite(rate):
+        return max_chunk if rate <= 0.0 else 1
+    return max(1, min(max_chunk, 1 + int(limit / rate)))
 
 
 def _chunked(u, delta, A, B, C, D, z, initial_state, max_chunk):
@@ -65,31 +75,37 @@ def _chunked(u, delta, A, B, C, D, z, initial_state, max_chunk):
     u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     batch, dim, length = u.shape
     n = A.shape[1]
-    log_decay = delta[..., None] * A[:, None, :]  # (B, D, L, N), <= 0
-    inp = (delta * u)[..., None] * B.transpose(1, 2)[:, None]
-    ct = C.transpose(1, 2)[:, None]  # (B, 1, L, N)
     limit = 60.0 if dt == torch.float32 else 600.0
-    size = min(chunk_length(log_decay, max_chunk, limit), max(length, 1))
+    size = min(chunk_length(max_decay_rate(delta, A), max_chunk, limit), max(length, 1))
     pad = (-length) % size
-    if pad:
-        log_decay, inp, ct = (F.pad(t, (0, 0, 0, pad)) for t in (log_decay, inp, ct))
+    du = delta * u
+    if pad:  # pad the small (B, D, L) / (B, N, L) inputs, not the (B, D, L, N) products
+        delta, du, C = (F.pad(t, (0, pad)) for t in (delta, du, C))
+        B = F.pad(B, (0, pad))
     chunks = (length + pad) // size
-    log_decay = log_decay.view(batch, dim, chunks, size, n)
-    inp = inp.view(batch, dim, chunks, size, n)
+    log_decay = (delta[..., None] * A[:, None, :]).view(batch, dim, chunks, size, n)  # <= 0
+    # (B, L, N) made contiguous first: a strided operand would give the products an L-fastest layout
+    inp = (du[..., None] * B.transpose(1, 2).contiguous()[:, None]).view(batch, dim, chunks, size, n)
+    ct = C.transpose(1, 2).reshape(batch, chunks, size, n)
     # P_t: log-decay accumulated after each chunk's first token, so exp(P_t - P_s) (s <= t)
     # is the decay from s to t and exp(-P) stays <= exp(limit).
     run = log_decay.cumsum(dim=3)
-    first = log_decay[:, :, :, :1]
-    p = run - first
+    p = run - log_decay[:, :, :, :1]
     local = torch.exp(p) * torch.cumsum(torch.exp(-p) * inp, dim=3)
-    carry_in = torch.exp(run)  # decay from the previous chunk's end state to each t
-    h = u.new_zeros(batch, dim, n) if initial_state is None else initial_state.to(dt)
-    starts = []  # padding has zero log-decay and zero input, so the end state is the last token's
-    for c in range(chunks):
-        starts.append(h)
-        h = carry_in[:, :, c, -1] * h + local[:, :, c, -1]
-    states = local + carry_in * torch.stack(starts, dim=2)[:, :, :, None]
-    y = (states * ct.view(batch, 1, chunks, size, n)).sum(-1).reshape(batch, dim, -1)[..., :length]
+    h = None if initial_state is None else initial_state.to(dt)
+    states = local
+    if chunks > 1 or h is not None:  # carry each chunk's start state in (one chunk from zero needs none)
+        carry_in = torch.exp(run)  # decay from the previous chunk's end state to each t
+        h = u.new_zeros(batch, dim, n) if h is None else h
+        starts = []  # padding has zero log-decay and zero input, so the end state is the last token's
+        for c in range(chunks):
+            starts.append(h)
+            h = carry_in[:, :, c, -1] * h + local[:, :, c, -1]
+        states = local + carry_in * torch.stack(starts, dim=2)[:, :, :, None]
+    else:
+        h = local[:, :, -1, -1]
+    y = (states * ct[:, None]).sum(-1)
+    y = y.reshape(batch, dim, -1)[..., :length]
     return _finish(y, u, D, z), h
 
 

@@ -109,7 +109,7 @@ def test_scan_reference_by_hand():
 def test_scan_chunked_matches_reference(length, extras):
     inputs = scan_inputs(length=length, D="D" in extras, z="z" in extras, state="state" in extras)
     if length > 5:  # the chunked path really chunks, with a padded last chunk
-        size = SCAN.chunk_length(inputs["delta"][..., None] * inputs["A"][:, None], 5, 600.0)
+        size = SCAN.chunk_length(SCAN.max_decay_rate(inputs["delta"], inputs["A"]), 5, 600.0)
         assert size == 5 and length % size
     # with one token and no initial state the decay multiplies a zero state: dA is exactly 0
     zero = ("A",) if length == 1 and "state" not in extras else ()
@@ -121,7 +121,7 @@ def test_scan_chunked_data_limited_chunks_float64():
     inputs = scan_inputs(length=29, D=True, z=True, state=True)
     step = (inputs["delta"][..., None] * inputs["A"][:, None]).abs().max()
     inputs["delta"] = inputs["delta"] * (140.0 / step)  # largest per-step log-decay: -140
-    size = SCAN.chunk_length(inputs["delta"][..., None] * inputs["A"][:, None], 128, 600.0)
+    size = SCAN.chunk_length(SCAN.max_decay_rate(inputs["delta"], inputs["A"]), 128, 600.0)
     assert size == 5  # 1 + int(600 / 140): exp(-P) stays below exp(600) in float64
     assert_same(scan_fn("chunked", max_chunk=128), scan_fn("reference", max_chunk=128), inputs)
 
