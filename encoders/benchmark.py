@@ -3,10 +3,13 @@ the cost of one streaming step at an early and a late position."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 from defocus_vlm.kernels.benchmark import time_call
+from defocus_vlm.kernels.dispatch import ENV_VAR
 
 from .config import EncoderConfig
 from .model import DefocusEncoder, EncoderState
@@ -25,22 +28,48 @@ def build(name: str, img_size: int) -> torch.nn.Module:
     return DefocusEncoder(EncoderConfig(**values, img_size=img_size))
 
 
-def step_time(encoder: DefocusEncoder, position: int, device: torch.device, repeats: int) -> float:
-    """Median ms of a one-token step after ``position`` tokens have been streamed."""
+@contextlib.contextmanager
+def kernel_backends(value: str | None) -> Iterator[None]:
+    """Run the block with ``DEFOCUS_KERNELS=value`` (None: unset), restoring the previous value."""
+    old = os.environ.pop(ENV_VAR, None)
+    if value is not None:
+        os.environ[ENV_VAR] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(ENV_VAR, None)
+        if old is not None:
+            os.environ[ENV_VAR] = old
+
+
+def stream_step_times(encoder: DefocusEncoder, positions: list[int], device: torch.device,
+                      repeats: int) -> dict[int, float]:
+    """Fastest ms of a one-token streaming step after each of ``positions`` tokens. The positions are
+    timed in turn, step after step, so a busy machine slows them alike."""
     dim = encoder.cfg.embed_dim
-    state = EncoderState()
+    states = {}
     with torch.no_grad():
-        for start in range(0, position, 512):
-            encoder.forward_tokens(torch.randn(1, min(512, position - start), dim, device=device), state=state)
+        for position in positions:
+            states[position] = EncoderState()
+            for start in range(0, position, 512):
+                chunk = torch.randn(1, min(512, position - start), dim, device=device)
+                encoder.forward_tokens(chunk, state=states[position])
         token = torch.randn(1, 1, dim, device=device)
-        ms, _ = time_call(lambda: encoder.forward_tokens(token, state=state)[0], False, device, repeats, warmup=2)
-    return ms
+        times: dict[int, list[float]] = {p: [] for p in positions}
+        for _ in range(repeats):
+            for position in positions:
+                step = lambda s=states[position]: encoder.forward_tokens(token, state=s)[0]  # noqa: E731
+                times[position].append(time_call(step, False, device, 1, warmup=0)[0])
+    return {p: min(t) for p, t in times.items()}
 
 
 def run_encoder_benchmarks(device: str = "cpu", batch_size: int = 8, img_size: int = 224,
                            presets: list[str] | None = None, repeats: int = 3,
                            stream_positions: list[int] | None = None,
-                           progress: Callable[[str], None] | None = None) -> dict:
+                           progress: Callable[[str], None] | None = None,
+                           compare_reference: bool = False) -> dict:
+    """``compare_reference``: also time each preset's forward with every op on its reference backend
+    (``DEFOCUS_KERNELS=reference``), interleaved with the automatic choice, and report the ratio."""
     dev = torch.device(device)
     rows = []
     for name in (presets or SMALL_PRESETS) + ["timm:deit_small_patch16_224"]:
@@ -51,9 +80,21 @@ def run_encoder_benchmarks(device: str = "cpu", batch_size: int = 8, img_size: i
         if progress:
             progress(f"{name}: forward")
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), kernel_backends(None):
             ms, mem = time_call(fwd, False, dev, repeats)
         row |= {"fwd_img_per_s": round(batch_size / ms * 1e3, 2), "fwd_mem_mb": round(mem, 1)}
+        if compare_reference and isinstance(model, DefocusEncoder):
+            if progress:
+                progress(f"{name}: forward, reference kernels vs automatic (interleaved)")
+            with torch.no_grad():
+                auto_ms, ref_ms = [], []
+                for _ in range(repeats):  # interleaved, so a busy machine slows both alike
+                    with kernel_backends(None):
+                        auto_ms.append(time_call(fwd, False, dev, 1)[0])
+                    with kernel_backends("reference"):
+                        ref_ms.append(time_call(fwd, False, dev, 1)[0])
+            row |= {"fwd_img_per_s_reference": round(batch_size / min(ref_ms) * 1e3, 2),
+                    "fwd_speedup_auto_vs_reference": round(min(ref_ms) / min(auto_ms), 3)}
         if progress:
             progress(f"{name}: train step")
         model.train()
@@ -61,10 +102,11 @@ def run_encoder_benchmarks(device: str = "cpu", batch_size: int = 8, img_size: i
         row |= {"train_img_per_s": round(batch_size / ms * 1e3, 2), "train_mem_mb": round(mem, 1)}
         if isinstance(model, DefocusEncoder) and model.cfg.causal:
             model.eval()
-            for pos in stream_positions or [16, 4096]:
-                if progress:
-                    progress(f"{name}: streaming step at token {pos}")
-                row[f"stream_step_ms_at_{pos}"] = round(step_time(model, pos, dev, repeats * 3), 3)
+            positions = stream_positions or [16, 4096]
+            if progress:
+                progress(f"{name}: streaming step at tokens {positions}")
+            for pos, ms in stream_step_times(model, positions, dev, max(repeats * 5, 10)).items():
+                row[f"stream_step_ms_at_{pos}"] = round(ms, 3)
         rows.append(row)
     return {"device": str(dev), "batch_size": batch_size, "img_size": img_size, "torch": torch.__version__,
             "memory": "peak allocated (CUDA)" if dev.type == "cuda" else "bytes saved for backward (CPU)",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 
 # stage name -> module under defocus_vlm.training exposing run(cfg, resume) -> dict
-STAGES: dict[str, str] = {"classification": "classification"}
+STAGES: dict[str, str] = {"classification": "classification", "instruct": "instruct", "clip": "clip"}
 
 
 def get_stage(name: str):

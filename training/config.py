@@ -169,7 +169,9 @@ class ClassificationRunConfig:
 # stage -> its run-config dataclass, or "module:Class" under defocus_vlm.training (imported lazily, so
 # stage modules can import this file). Every run config has ``optim: OptimConfig``, ``train: TrainConfig``
 # and a ``validate()`` method.
-STAGE_CONFIGS: dict[str, type | str] = {"classification": ClassificationRunConfig}
+STAGE_CONFIGS: dict[str, type | str] = {"classification": ClassificationRunConfig,
+                                        "instruct": "instruct:InstructRunConfig",
+                                        "clip": "clip:ClipRunConfig"}
 
 
 def stage_config_class(stage: str) -> type:

@@ -265,8 +265,9 @@ def run_stage(task: StageTask, cfg: Any, resume: bool = False) -> dict:
 
     export_dir = run_dir / "model"
     exported = None
+    state = full_state_dict(engine)  # every process takes part (ZeRO-3 gathers the partitions)
     if is_main:
-        exported = task.export(engine.module.state_dict(), ema.state_dict() if ema is not None else None, export_dir)
+        exported = task.export(state, ema.state_dict() if ema is not None else None, export_dir)
         plot_curve(run_dir / "history.jsonl", run_dir / "training_curve.png", task.curve_metric)
     summary.update({"val": metrics, "wall_s": round(wall, 2), **extra,
                     "export": str(exported) if exported is not None else None})
@@ -276,6 +277,14 @@ def run_stage(task: StageTask, cfg: Any, resume: bool = False) -> dict:
         (run_dir / "losses.json").write_text(json.dumps(losses) + "\n")
     barrier()
     return summary
+
+
+def full_state_dict(engine) -> dict | None:
+    """The whole model's weights on process 0 (None elsewhere under ZeRO-3, whose partitioned
+    parameters are gathered here: call it on every process)."""
+    if zero_stage(engine) == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
 
 
 def reduce_count(value: int) -> int:

@@ -1,6 +1,7 @@
 """Benchmarks with JSON output. ``kernels``: every backend of every op, forward and
 forward+backward, at several lengths and widths. ``encoders``: images/s and memory of every
-Small preset next to timm's deit_small_patch16_224, plus the streaming step time."""
+Small preset next to timm's deit_small_patch16_224, plus the streaming step time. ``stream``: the
+VLM's time to first token after an image's last patch, streaming prefill vs one shot."""
 
 from __future__ import annotations
 
@@ -30,7 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--presets", nargs="+", default=None)
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--stream-positions", nargs="+", type=int, default=[16, 4096])
+    e.add_argument("--compare-reference", action="store_true",
+                   help="also time each forward with DEFOCUS_KERNELS=reference and report the speed-up")
     e.add_argument("--out", default=None, help="write the JSON here too")
+    s = sub.add_parser("stream", help="VLM time to first token after the last patch: streaming vs one shot")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    s.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096], help="patches per (square) image")
+    s.add_argument("--chunk-size", type=int, default=256, help="encoder tokens per streamed chunk")
+    s.add_argument("--llm", default="tiny-llama",
+                   help="tiny-llama | tiny-mamba (random, small) | smollm2-135m-instruct | any LM path or name")
+    s.add_argument("--vision-preset", default="defocus_vit_tiny")
+    s.add_argument("--vision-depth", type=int, default=4, help="encoder blocks (keeps the CPU default quick)")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--out", default=None, help="write the JSON here too")
 
 
 def _emit(result: dict, out: str | None) -> None:
@@ -54,10 +67,15 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_kernel_benchmarks(args.device, args.ops, args.lengths, args.widths, args.repeats, args.dtype,
                                        args.max_sequential_length, progress)
+    elif args.what == "stream":
+        from defocus_vlm.stream_benchmark import run_stream_benchmark
+
+        result = run_stream_benchmark(args.device, args.lengths, args.chunk_size, args.llm, args.vision_preset,
+                                      args.vision_depth, repeats=args.repeats, progress=progress)
     else:
         from defocus_vlm.encoders.benchmark import run_encoder_benchmarks
 
         result = run_encoder_benchmarks(args.device, args.batch_size, args.img_size, args.presets, args.repeats,
-                                        args.stream_positions, progress)
+                                        args.stream_positions, progress, args.compare_reference)
     _emit(result, args.out)
     return 0

@@ -12,6 +12,9 @@ import importlib
 # task -> (module under defocus_vlm.eval, one-line help)
 TASKS: dict[str, tuple[str, str]] = {
     "classification": ("classification", "top-1/top-5 of an exported classifier on a labelled dataset"),
+    "zeroshot": ("zeroshot", "zero-shot top-1/top-5 of a CLIP model with class-name prompts"),
+    "retrieval": ("retrieval", "image->text and text->image R@1/5/10 of a CLIP model on image-text pairs"),
+    "vqa": ("vqa", "VQA benchmarks (easy-VQA, VQAv2, TextVQA, GQA, POPE, ScienceQA, MMBench) of an exported VLM"),
 }
 
 

@@ -1,0 +1,88 @@
+"""Prepare data sets: ``defocus-vlm data easy-vqa --out DIR``.
+
+easy-VQA (PyPI ``easy-vqa``, MIT; 64x64 images with one coloured shape, 13 single-word answers) is
+written in LLaVA's conversation format: ``DIR/train.json`` and ``DIR/test.json`` (one record per
+question, the answer as the assistant turn, so the test split doubles as the evaluation set),
+images under ``DIR/images/{train,test}/`` (record paths are relative to ``DIR/images``) and the
+answer vocabulary in ``DIR/answers.txt``. ``--group-by-image`` writes each training image once with
+all of its questions as one multi-turn conversation (about 10 turns): the same supervision for a
+tenth of the image tokens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+# LLaVA-1.5's instruction for short-answer VQA (appended to every question, as in its training data)
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+SPLITS = ("train", "test")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    p = sub.add_parser("easy-vqa", help="easy-VQA (PyPI easy-vqa) as LLaVA JSON + images",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--instruction", default=SHORT_ANSWER_PROMPT,
+                   help="text on its own line after each question ('' for none); default: LLaVA's short-answer prompt")
+    p.add_argument("--group-by-image", action="store_true",
+                   help="train.json: one multi-turn conversation per image instead of one record per question")
+    p.add_argument("--limit", type=int, default=0, help="keep only the first N questions of each split (0 = all)")
+
+
+def _easy_vqa_split(split: str):
+    try:
+        import easy_vqa
+    except ImportError as err:
+        raise FileNotFoundError("easy-VQA needs the easy-vqa package: pip install easy-vqa "
+                                "(or pip install 'defocus-vlm[train]')") from err
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    return list(zip(questions, answers, image_ids)), paths, easy_vqa.get_answers()
+
+
+def _turns(question: str, answer: str, instruction: str, with_image: bool) -> list[dict]:
+    text = question + (f"\n{instruction}" if instruction else "")
+    return [{"from": "human", "value": ("<image>\n" if with_image else "") + text}, {"from": "gpt", "value": answer}]
+
+
+def _records(split: str, rows: list, instruction: str, group: bool) -> list[dict]:
+    if not group:
+        return [{"id": f"easy_vqa_{split}_{i}", "image": f"{split}/{image_id}.png",
+                 "conversations": _turns(q, a, instruction, True)} for i, (q, a, image_id) in enumerate(rows)]
+    by_image: dict[int, list] = {}
+    for q, a, image_id in rows:
+        by_image.setdefault(image_id, []).append((q, a))
+    return [{"id": f"easy_vqa_{split}_image_{image_id}", "image": f"{split}/{image_id}.png",
+             "conversations": [t for k, (q, a) in enumerate(qa) for t in _turns(q, a, instruction, k == 0)]}
+            for image_id, qa in by_image.items()]
+
+
+def export_easy_vqa(out: str | Path, instruction: str = SHORT_ANSWER_PROMPT, group_by_image: bool = False,
+                    limit: int = 0) -> dict[str, int]:
+    """Write easy-VQA under ``out`` (layout in the module docstring); returns records per split."""
+    if limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {limit}")
+    out = Path(out)
+    counts = {}
+    for split in SPLITS:
+        rows, paths, answers = _easy_vqa_split(split)
+        rows = rows[:limit] if limit else rows
+        image_dir = out / "images" / split
+        image_dir.mkdir(parents=True, exist_ok=True)
+        for image_id in sorted({image_id for _, _, image_id in rows}):
+            shutil.copyfile(paths[image_id], image_dir / f"{image_id}.png")
+        records = _records(split, rows, instruction, group_by_image and split == "train")
+        (out / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
+        counts[split] = len(records)
+    (out / "answers.txt").write_text("\n".join(answers) + "\n")
+    return counts
+
+
+def run(args: argparse.Namespace) -> int:
+    counts = export_easy_vqa(args.out, args.instruction, args.group_by_image, args.limit)
+    print(json.dumps({"out": str(args.out), "records": counts}), file=sys.stdout)
+    return 0

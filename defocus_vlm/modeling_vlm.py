@@ -1,0 +1,450 @@
+"""LLaVA-style vision-language model on a causal De-focus encoder, with streaming image prefill.
+
+encoder -> selected tokens -> projector -> spliced into the language model's input embeddings at
+the image placeholders -> any Hugging Face causal LM (attention with a KV cache, or recurrent like
+Mamba). Because the encoder is causal, an image can also be encoded chunk by chunk and each chunk
+of projected tokens pre-filled into the language model's cache as soon as it exists
+(:meth:`DefocusVLMForConditionalGeneration.prefill_image_stream`); the result equals the one-shot
+forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from defocus_vlm.encoders.model import EncoderState
+
+from .configuration_defocus import DefocusVisionConfig
+from .configuration_vlm import DefocusVLMConfig
+from .modeling_defocus import DefocusVisionModel
+from .remote_code import write_remote_code
+
+# Language models whose multi-token forward with a non-empty cache is wrong: transformers' Mamba
+# (5.17-5.23) restarts the selective scan from a zero state whenever more than one token comes in,
+# ignoring the cached SSM state. After the first piece they are fed one token at a time, which takes
+# their exact single-step path.
+_STEPWISE_CONTINUATION_MODEL_TYPES = frozenset({"mamba", "falcon_mamba"})
+
+
+@dataclass
+class DefocusVLMOutput(ModelOutput):
+    """loss: next-token cross-entropy from ``labels`` (image positions ignored). image_hidden_states:
+    the projected image tokens (num_images, tokens_per_image, hidden) of a one-shot forward."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class DefocusVLMProjector(nn.Module):
+    """Encoder width -> LLM width: ``mlp2x_gelu`` (Linear, GELU, Linear) or ``linear``."""
+
+    def __init__(self, config: DefocusVLMConfig):
+        super().__init__()
+        vision_dim, text_dim = config.vision_config.embed_dim, config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.act = nn.GELU() if config.projector_type == "mlp2x_gelu" else nn.Identity()
+        self.linear_2 = nn.Linear(text_dim, text_dim) if config.projector_type == "mlp2x_gelu" else nn.Identity()
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_tokens.to(self.linear_1.weight.dtype))))
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """(start, end, value) of each run of equal values in a 1-D bool tensor."""
+    values, counts = torch.unique_consecutive(flags, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return list(zip([0] + ends[:-1], ends, values.tolist()))
+
+
+class DefocusVLMPreTrainedModel(PreTrainedModel):
+    config_class = DefocusVLMConfig
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    # Attention backends are the language model's business; these only let it choose.
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMixin):
+    """``vision_tower`` (a :class:`DefocusVisionModel`), ``multi_modal_projector`` and ``language_model``
+    (the whole causal LM, head included, built with ``AutoModelForCausalLM``).
+
+    ``pixel_values`` hold every image of the batch in placeholder order (sample 0's images first);
+    samples may have different numbers of images. ``generate`` works as for any causal LM (left-pad
+    batches); ``generate(..., image_chunk_size=K)`` pre-fills the prompt with the streaming path.
+    """
+
+    def __init__(self, config: DefocusVLMConfig):
+        super().__init__(config)
+        self.vision_tower = DefocusVisionModel(config.vision_config)
+        self.multi_modal_projector = DefocusVLMProjector(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # One config object per part, so what the parts change (e.g. resized embeddings) is what gets saved.
+        config.vision_config, config.text_config = self.vision_tower.config, self.language_model.config
+        self._is_stateful = getattr(self.language_model, "_is_stateful", False)
+        llm_args = inspect.signature(self.language_model.forward).parameters
+        self._cache_argument = "past_key_values" if "past_key_values" in llm_args else "cache_params"
+        self._llm_takes_position_ids = "position_ids" in llm_args
+        self._stepwise_continuation = config.text_config.model_type in _STEPWISE_CONTINUATION_MODEL_TYPES
+        self.post_init()
+
+    # ------------------------------------------------------------------ plumbing
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
+        self.vision_tower._set_gradient_checkpointing(enable)  # the encoder has its own switch
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+
+    def _supports_default_dynamic_cache(self) -> bool:
+        # A recurrent language model builds its own cache; transformers' generic prefill cannot take the
+        # length of an all-recurrent DynamicCache (it raises), so generate must not pre-build one.
+        return not self._is_stateful
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            import transformers
+
+            # AutoProcessor is found here when the processor is saved to the same directory.
+            auto_map = {"AutoConfig": "DefocusVLMConfig",
+                        "AutoModelForImageTextToText": "DefocusVLMForConditionalGeneration",
+                        "AutoProcessor": "DefocusVLMProcessor"}
+            if hasattr(transformers, "AutoModelForVision2Seq"):
+                auto_map["AutoModelForVision2Seq"] = "DefocusVLMForConditionalGeneration"
+            write_remote_code(save_directory, auto_map, "config.json")
+
+    # ------------------------------------------------------------------ image side
+    def _select_tokens(self, tokens: torch.Tensor, start: int, total: int) -> torch.Tensor:
+        """Keep the tokens ``vision_feature_select`` asks for from encoder tokens ``start..start+n`` of ``total``
+        (a whole image or one streamed chunk)."""
+        select, position = self.config.vision_feature_select, self.config.vision_config.cls_position
+        if select == "all" or position == "none":
+            return tokens
+        local = (total - 1 if position == "end" else 0) - start  # the class token, in this chunk's indices
+        inside = 0 <= local < tokens.shape[1]
+        if select == "cls":
+            return tokens[:, local:local + 1] if inside else tokens[:, :0]
+        return torch.cat([tokens[:, :local], tokens[:, local + 1:]], dim=1) if inside else tokens
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens, (num_images, tokens_per_image, LLM hidden size)."""
+        layer = self.config.vision_feature_layer
+        out = self.vision_tower(pixel_values, output_hidden_states=layer != -1, return_dict=True)
+        hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        return self.multi_modal_projector(self._select_tokens(hidden, 0, hidden.shape[1]))
+
+    def _stream_encoder(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
+        if self.config.vision_feature_layer == -1:
+            yield from self.vision_tower.stream(pixel_values, chunk_size)
+            return
+        # An intermediate layer: run the blocks chunk by chunk and keep that layer's output.
+        encoder = self.vision_tower.encoder
+        tokens, state = encoder.embed(pixel_values), EncoderState()
+        for start in range(0, tokens.shape[1], chunk_size):
+            _, hidden = encoder.forward_tokens(tokens[:, start:start + chunk_size], output_hidden_states=True,
+                                               state=state)
+            yield hidden[self.config.vision_feature_layer]
+
+    def stream_image_features(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
+        """Projected image tokens chunk by chunk (encoder streaming mode); concatenated they equal
+        :meth:`get_image_features`. Chunks left empty by the token selection are skipped."""
+        total = self.vision_tower.encoder.num_tokens(*pixel_values.shape[-2:])
+        start = 0
+        for hidden in self._stream_encoder(pixel_values, chunk_size):
+            tokens = self._select_tokens(hidden, start, total)
+            start += hidden.shape[1]
+            if tokens.shape[1]:
+                yield self.multi_modal_projector(tokens)
+
+    def _image_token_mask(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Where the image tokens go, after checking that placeholders and images agree."""
+        if self.config.image_token_id is None:
+            raise ValueError("config.image_token_id is not set, so image placeholders cannot be found")
+        self.vision_tower.encoder.check_pixels(pixel_values)
+        mask = input_ids == self.config.image_token_id
+        per_image = self.config.num_image_tokens(*pixel_values.shape[-2:])
+        found, given = int(mask.sum()), pixel_values.shape[0] * per_image
+        per_sample = mask.sum(dim=1)
+        if found != given or bool((per_sample % per_image).any()):
+            raise ValueError(f"image tokens and images do not match: input_ids hold {found} image tokens "
+                             f"({per_sample.tolist()} per sample), but the {pixel_values.shape[0]} images give "
+                             f"{given} ({per_image} per image)")
+        return mask
+
+    # ------------------------------------------------------------------ language side
+    def _run_language_model(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                            position_ids: torch.Tensor | None, cache, use_cache: bool | None,
+                            logits_to_keep: int | torch.Tensor = 0, **kwargs) -> ModelOutput:
+        if self._is_stateful and attention_mask is not None:
+            # A recurrent LM masks its current inputs only; its state already holds the past.
+            attention_mask = attention_mask[:, -inputs_embeds.shape[1]:]
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, self._cache_argument: cache,
+                  "use_cache": use_cache, "return_dict": True}
+        if position_ids is not None and self._llm_takes_position_ids:
+            inputs["position_ids"] = position_ids
+        if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep:
+            inputs["logits_to_keep"] = logits_to_keep
+        return self.language_model(**inputs, **kwargs)
+
+    @staticmethod
+    def _cache_of(output: ModelOutput):
+        cache = getattr(output, "past_key_values", None)
+        return cache if cache is not None else getattr(output, "cache_params", None)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_chunk_size: int | None = None,
+        **kwargs,
+    ) -> DefocusVLMOutput:
+        """labels: next-token targets aligned with ``input_ids`` (shifted inside, -100 ignored; image
+        placeholder positions are ignored too). image_chunk_size: pre-fill with the streaming path
+        (:meth:`prefill_image_stream`) instead of one shot; inference only."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and input_ids is None:
+            raise ValueError("pixel_values need input_ids: the image placeholders are found by their token id")
+        if pixel_values is not None and image_chunk_size is not None:
+            if labels is not None:
+                raise ValueError("image_chunk_size (streaming prefill) is for inference; train without it")
+            return self.prefill_image_stream(input_ids, pixel_values, image_chunk_size, attention_mask=attention_mask,
+                                             position_ids=position_ids, past_key_values=past_key_values,
+                                             logits_to_keep=logits_to_keep)
+        image_features = None
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            mask = self._image_token_mask(input_ids, pixel_values)
+            image_features = self.get_image_features(pixel_values)
+            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
+        elif (input_ids is not None and input_ids.shape[1] > 1 and self.config.image_token_id is not None
+              and bool((input_ids == self.config.image_token_id).any())):
+            raise ValueError("input_ids hold image tokens but no pixel_values were given")
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        out = self._run_language_model(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache,
+                                       logits_to_keep, **kwargs)
+        loss = None
+        if labels is not None:
+            if input_ids is not None and self.config.image_token_id is not None:
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+            loss = ForCausalLMLoss(out.logits, labels, vocab_size=out.logits.shape[-1],
+                                   num_items_in_batch=num_items_in_batch)
+        return DefocusVLMOutput(loss=loss, logits=out.logits, past_key_values=self._cache_of(out),
+                                hidden_states=getattr(out, "hidden_states", None),
+                                attentions=getattr(out, "attentions", None), image_hidden_states=image_features)
+
+    # ------------------------------------------------------------------ streaming prefill
+    def prefill_image_stream(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor,
+        chunk_size: int,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        logits_to_keep: int = 0,
+        chunk_callback: Callable[[int], None] | None = None,
+    ) -> DefocusVLMOutput:
+        """Pre-fill the prompt into the language model's cache in order: text before an image, then the
+        image ``chunk_size`` encoder tokens at a time (each chunk encoded with the encoder's streaming
+        mode, projected and pre-filled as soon as it exists), then the text after it.
+
+        Returns the logits (all positions, or the last ``logits_to_keep``) and the filled cache in
+        ``past_key_values``: continue with ``generate``-style decoding, or call
+        ``generate(..., image_chunk_size=chunk_size)`` to do both. ``chunk_callback(position)`` is called
+        after each image chunk is in the cache (``position`` = prompt tokens pre-filled so far).
+        Batches need the image placeholders at the same positions in every sample (left padding).
+        """
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if not self.config.vision_config.causal:
+            raise ValueError("streaming needs a causal encoder; this one is non-causal (causal=False)")
+        mask = self._image_token_mask(input_ids, pixel_values)
+        if bool((mask != mask[:1]).any()):
+            raise ValueError("streaming prefill needs the image placeholders at the same positions in every sample "
+                             "of the batch (pad the prompts on the left), or one sample at a time")
+        batch = input_ids.shape[0]
+        images = pixel_values.view(batch, pixel_values.shape[0] // batch, *pixel_values.shape[1:])
+        per_image = self.config.num_image_tokens(*pixel_values.shape[-2:])
+        text_embeds = self.get_input_embeddings()(input_ids)
+        prefill = _CachePrefill(self, input_ids.shape[1], attention_mask, position_ids, past_key_values,
+                                logits_to_keep)
+        next_image = 0
+        for start, end, is_image in _runs(mask[0]):
+            if not is_image:
+                prefill.feed(text_embeds[:, start:end])
+                continue
+            for _ in range((end - start) // per_image):
+                for features in self.stream_image_features(images[:, next_image], chunk_size):
+                    prefill.feed(features.to(text_embeds.dtype))
+                    if chunk_callback is not None:
+                        chunk_callback(prefill.position)
+                next_image += 1
+        return DefocusVLMOutput(logits=prefill.logits(), past_key_values=prefill.cache)
+
+    # ------------------------------------------------------------------ generation
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_chunk_size=None,
+                                      is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration,
+                                                             **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):  # images are in the cache after the prefill
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["image_chunk_size"] = image_chunk_size
+        elif self._is_stateful:
+            # The recurrent state holds the past and new tokens are never padding; transformers would
+            # otherwise turn the mask into a 4-D attention mask for the "compileable" recurrent cache.
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+
+class _CachePrefill:
+    """Feeds a prompt to the language model piece by piece: keeps the cache, the attention mask and
+    the positions aligned, and collects the logits ``logits_to_keep`` asks for (0 = all).
+
+    As in ``generate``, ``attention_mask`` may also cover tokens already in the cache (it ends with
+    the prompt), while ``position_ids`` cover the prompt only."""
+
+    def __init__(self, model: DefocusVLMForConditionalGeneration, length: int, attention_mask, position_ids, cache,
+                 logits_to_keep: int):
+        self.model, self.attention_mask, self.position_ids = model, attention_mask, position_ids
+        self.cached_before = 0 if attention_mask is None else attention_mask.shape[1] - length
+        self.cache_was_given = cache is not None
+        self.cache = cache if cache is not None else DynamicCache(config=model.config.text_config)
+        self.keep_from = length - logits_to_keep if logits_to_keep else 0
+        self.position = 0
+        self._logits: list[torch.Tensor] = []
+
+    def feed(self, embeds: torch.Tensor) -> None:
+        if self.model._stepwise_continuation and (self.position > 0 or self.cache_was_given):
+            for i in range(embeds.shape[1]):
+                self._forward(embeds[:, i:i + 1])
+        elif embeds.shape[1]:
+            self._forward(embeds)
+
+    def _forward(self, embeds: torch.Tensor) -> None:
+        start, end = self.position, self.position + embeds.shape[1]
+        mask = None if self.attention_mask is None else self.attention_mask[:, :self.cached_before + end]
+        positions = None if self.position_ids is None else self.position_ids[..., start:end]
+        keep = max(end - max(start, self.keep_from), 0)
+        out = self.model._run_language_model(embeds, mask, positions, self.cache, use_cache=True,
+                                             logits_to_keep=keep or 1)
+        self.cache = self.model._cache_of(out)
+        if keep:
+            self._logits.append(out.logits[:, -keep:])
+        self.position = end
+
+    def logits(self) -> torch.Tensor:
+        return torch.cat(self._logits, dim=1)
+
+
+def build_vlm(
+    vision: str | os.PathLike | DefocusVisionConfig | DefocusVisionModel,
+    language_model: str | os.PathLike | PreTrainedModel,
+    tokenizer=None,
+    image_processor=None,
+    **config_kwargs,
+):
+    """A new VLM and its processor from an encoder and a causal LM.
+
+    vision: a preset name (``"defocus_mamba_small"``), an encoder directory, a config or a model
+        (pretrained weights are kept). language_model: a name/path for :func:`defocus_vlm.llm.load_llm`
+        (``"smollm2-135m-instruct"`` works offline; its tokenizer is loaded too) or a model (then give
+        ``tokenizer``). The image token is added to the tokenizer (embeddings resized if it grew).
+    config_kwargs: other :class:`DefocusVLMConfig` fields (projector_type, vision_feature_select, ...).
+    Returns ``(model, processor)``.
+    """
+    from .llm import load_llm, load_tokenizer
+    from .processing_vlm import DefocusVLMProcessor, add_image_token
+
+    vision_model = None
+    if isinstance(vision, DefocusVisionModel):
+        vision_model, vision_config = vision, vision.config
+    elif isinstance(vision, DefocusVisionConfig):
+        vision_config = vision
+    elif os.path.isdir(vision):
+        vision_model = DefocusVisionModel.from_pretrained(vision)
+        vision_config = vision_model.config
+    else:
+        vision_config = DefocusVisionConfig.from_preset(str(vision))
+    if not isinstance(language_model, PreTrainedModel):
+        tokenizer = tokenizer or load_tokenizer(language_model)
+        language_model = load_llm(language_model)
+    if tokenizer is None:
+        raise ValueError("a language model given as a model needs its tokenizer: build_vlm(..., tokenizer=...)")
+    image_token_id = add_image_token(tokenizer)
+    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+        language_model.resize_token_embeddings(len(tokenizer))
+    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+    config = DefocusVLMConfig(vision_config=copy.deepcopy(vision_config),
+                              text_config=copy.deepcopy(language_model.config), image_token_id=image_token_id,
+                              **config_kwargs)
+    model = DefocusVLMForConditionalGeneration(config)
+    model.language_model.load_state_dict(language_model.state_dict())
+    if vision_model is not None:
+        model.vision_tower.load_state_dict(vision_model.state_dict())
+    generation = model.generation_config
+    generation.bos_token_id = tokenizer.bos_token_id
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return model, DefocusVLMProcessor.from_config(config, tokenizer, image_processor)
+
+
+# Encoder overrides of tiny_vlm: 16 px images in 4 px patches (16 patches + class token), width 32, 2 blocks.
+TINY_VISION = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, d_state=8,
+                   dt_rank=8, group_norm_size=16)
+
+
+def tiny_vlm(text_model: str = "llama", vision_preset: str = "defocus_mamba_small",
+             vision_overrides: dict | None = None, text_overrides: dict | None = None, **config_kwargs):
+    """A tiny random VLM and its processor (character tokenizer) for tests, examples and smoke runs.
+
+    text_model: "llama" (attention, KV cache) or "mamba" (transformers' MambaForCausalLM: recurrent).
+    vision_overrides / text_overrides: fields of the tiny encoder / language model configs.
+    Returns ``(model, processor)`` like :func:`build_vlm`.
+    """
+    from .llm import build_char_tokenizer, tiny_llama_config, tiny_mamba_config
+
+    text_configs = {"llama": tiny_llama_config, "mamba": tiny_mamba_config}
+    if text_model not in text_configs:
+        raise ValueError(f"text_model must be one of {sorted(text_configs)}, got {text_model!r}")
+    vision = DefocusVisionConfig.from_preset(vision_preset, **{**TINY_VISION, **(vision_overrides or {})})
+    language_model = AutoModelForCausalLM.from_config(text_configs[text_model](**(text_overrides or {})))
+    return build_vlm(vision, language_model, tokenizer=build_char_tokenizer(), **config_kwargs)

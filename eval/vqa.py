@@ -1,0 +1,284 @@
+"""VQA evaluation runner: batched greedy answers, a predictions JSONL that a rerun resumes, a metrics JSON.
+
+CLI: ``defocus-vlm eval vqa --model DIR --benchmark NAME [--data PATH] [--split S] [--batch-size N]
+[--limit N] [--output-dir DIR]``. Benchmarks: easy-vqa (the ``easy-vqa`` package, or a LLaVA-JSON export
+as --data), vqav2, textvqa, gqa, pope, scienceqa, mmbench (file layouts in
+:mod:`defocus_vlm.eval.vqa_readers`). Writes ``predictions.jsonl`` and ``metrics.json`` to the output
+folder and prints the metrics; rerunning with the same folder only answers the questions not yet there.
+
+The runner only needs an *answerer*: a function from a batch of (image, prompt) pairs to answers.
+:class:`VLMAnswerer` is the one for an exported vision-language model; tests use fakes. Metrics are
+computed from the predictions file in question order, so they do not depend on the batch size or on
+how often the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .vqa_metrics import exact_match, extract_choice, pope_metrics, vqa_accuracy
+from .vqa_readers import BENCHMARKS, VQASample, build_prompt, get_benchmark, read_benchmark
+
+Answerer = Callable[[Sequence[tuple[Image.Image, str]]], list[str]]
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"  # what produced the predictions: a rerun must match it to resume
+
+
+# --- metrics of a whole run ----------------------------------------------------------------------
+
+
+def _mean_percent(values: Sequence[float]) -> float:
+    return 100.0 * sum(values) / len(values) if values else 0.0
+
+
+def compute_metrics(benchmark: str, samples: Sequence[VQASample], predictions: dict[str, str]) -> dict:
+    """The benchmark's scores (in percent) of ``predictions`` (question_id -> answer) on ``samples``."""
+    missing = [s.question_id for s in samples if s.question_id not in predictions]
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} question(s), e.g. question_id {missing[0]!r}")
+    answers = [predictions[s.question_id] for s in samples]
+    out: dict = {"benchmark": benchmark, "samples": len(samples)}
+    if benchmark in ("vqav2", "textvqa"):
+        out["accuracy"] = _mean_percent([vqa_accuracy(a, s.answers) for a, s in zip(answers, samples)])
+    elif benchmark == "pope":
+        out.update(pope_metrics(answers, [s.answers[0] for s in samples]))
+    elif get_benchmark(benchmark).multiple_choice:
+        letters = [extract_choice(a, s.choices) for a, s in zip(answers, samples)]
+        out["accuracy"] = _mean_percent([letter == s.answers[0] for letter, s in zip(letters, samples)])
+        out["unparsed"] = sum(letter is None for letter in letters)
+    else:  # gqa, easy-vqa
+        out["accuracy"] = _mean_percent([exact_match(a, s.answers[0]) for a, s in zip(answers, samples)])
+    return out
+
+
+# --- predictions file ----------------------------------------------------------------------------
+
+
+def read_predictions(path: Path) -> dict[str, str]:
+    """question_id -> prediction from a JSONL written by :func:`run_vqa_eval`. A last line cut off by
+    an interrupted run is dropped (and removed from the file); any other bad line is an error."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    predictions: dict[str, str] = {}
+    for line_no, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            predictions[str(record["question_id"])] = str(record["prediction"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if line_no == len(lines) and not line.endswith("\n"):
+                path.write_text("".join(lines[:-1]), encoding="utf-8")
+                break
+            raise ValueError(
+                f"{path}: line {line_no} is not a prediction record "
+                f'(expected {{"question_id": ..., "prediction": ...}}): {err}'
+            ) from err
+    return predictions
+
+
+def _check_run_info(path: Path, info: dict) -> None:
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); use another output folder") from err
+        if previous != info:
+            raise ValueError(
+                f"{path.parent} holds predictions of another run ({json.dumps(previous)}), not of "
+                f"{json.dumps(info)}; use another output folder"
+            )
+    else:
+        path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def run_vqa_eval(
+    answerer: Answerer,
+    samples: Sequence[VQASample],
+    benchmark: str,
+    output_dir: str | os.PathLike,
+    batch_size: int = 16,
+    progress: bool = True,
+    run_info: dict | None = None,
+) -> dict:
+    """Answer every sample not yet in ``output_dir/predictions.jsonl`` (appending batch by batch, so an
+    interrupted run loses at most one batch), then write and return the metrics.
+
+    ``run_info`` (model, split, generation settings: anything JSON) is kept in ``run.json``; resuming
+    predictions that another run_info produced is refused."""
+    if batch_size <= 0:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    seen: set[str] = set()
+    for sample in samples:
+        if sample.question_id in seen:
+            raise ValueError(f"question_id {sample.question_id!r} occurs twice; predictions are kept by question_id")
+        seen.add(sample.question_id)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_info(output_dir / RUN_FILE, {"benchmark": benchmark, **(run_info or {})})
+    predictions_path = output_dir / PREDICTIONS_FILE
+    predictions = read_predictions(predictions_path)
+    todo = [s for s in samples if s.question_id not in predictions]
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=benchmark, disable=not progress)
+    with predictions_path.open("a", encoding="utf-8") as out:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            answers = answerer([(s.load_image(), build_prompt(s)) for s in batch])
+            if len(answers) != len(batch):
+                raise ValueError(f"the answerer returned {len(answers)} answers for {len(batch)} questions")
+            for sample, answer in zip(batch, answers):
+                predictions[sample.question_id] = answer
+                record = {"question_id": sample.question_id, "prediction": answer, "answers": list(sample.answers)}
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+            bar.update(len(batch))
+    bar.close()
+
+    metrics = compute_metrics(benchmark, samples, predictions)
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+# --- an exported vision-language model as answerer -----------------------------------------------
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        cuda_bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+class VLMAnswerer:
+    """Greedy answers of an exported vision-language model (``AutoModelForImageTextToText`` and its
+    ``AutoProcessor``): each prompt goes through the processor's chat template as one user turn with
+    the image first, and a batch is left-padded and generated at once (until the end-of-sequence token
+    of the model's generation config, or ``max_new_tokens``)."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        device: str | None = None,
+        dtype: str = "auto",
+        max_new_tokens: int = 16,
+    ):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        import defocus_vlm  # noqa: F401 - registers the Auto classes
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"no model at {model_dir}: config.json missing (expected an exported VLM folder)")
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device.type)
+        self.max_new_tokens = max_new_tokens
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"  # generated tokens must follow every prompt directly
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+
+    def chat_text(self, prompt: str) -> str:
+        """The prompt as one user turn, written as in LLaVA's data ("<image>\\n" + prompt), followed by
+        the assistant's generation prompt."""
+        messages = [{"role": "user", "content": f"{self.processor.image_token}\n{prompt}"}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _inputs(self, images: Sequence[Image.Image], texts: Sequence[str]):
+        inputs = self.processor(images=list(images), text=list(texts), padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    def __call__(self, batch: Sequence[tuple[Image.Image, str]], max_new_tokens: int | None = None) -> list[str]:
+        import torch
+
+        if not batch:
+            return []
+        images, prompts = zip(*batch)
+        inputs = self._inputs(images, [self.chat_text(p) for p in prompts])
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **inputs,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens or self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def continuation_logprob(self, image: Image.Image, prompt: str, continuation: str) -> tuple[float, bool]:
+        """Log-probability of ``continuation`` as the start of the assistant's answer, and whether
+        greedy decoding would produce exactly it (lmms-eval's ``loglikelihood``)."""
+        import torch
+
+        inputs = self._inputs([image], [self.chat_text(prompt)])
+        n_context = inputs["input_ids"].shape[1]
+        # the continuation is tokenized on its own, so the context's tokens stay exactly as in generation
+        target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        if target.numel() == 0:
+            raise ValueError(f"the continuation {continuation!r} has no tokens")
+        target = target.to(self.device)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], target[None]], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits[0, n_context - 1 : -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        total = logprobs.gather(-1, target[:, None]).sum().item()
+        return total, bool((logits.argmax(-1) == target).all())
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="exported vision-language model directory")
+    parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), help="which benchmark")
+    parser.add_argument(
+        "--data", default=None, help="the benchmark's folder or file (easy-vqa: optional LLaVA-JSON export)"
+    )
+    parser.add_argument("--split", default=None, help="split (default: the benchmark's usual evaluation split)")
+    parser.add_argument("--image-dir", default=None, help="where the images are, if not in the usual place")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--output-dir", default=None, help="where predictions.jsonl and metrics.json go (default: runs/vqa/...)"
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    split = args.split or get_benchmark(args.benchmark).default_split
+    if args.limit < 0 or args.batch_size <= 0:
+        raise ValueError(f"--limit must be >= 0 and --batch-size > 0, got {args.limit} and {args.batch_size}")
+    samples = read_benchmark(args.benchmark, args.data, split, args.image_dir)
+    if args.limit:
+        samples = samples[: args.limit]
+    output_dir = args.output_dir or Path("runs") / "vqa" / Path(args.model).name / f"{args.benchmark}-{split}"
+    answerer = VLMAnswerer(args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+    run_info = {
+        "model": str(Path(args.model).resolve()),
+        "data": str(Path(args.data).resolve()) if args.data else None,
+        "split": split,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    metrics = run_vqa_eval(answerer, samples, args.benchmark, output_dir, args.batch_size, run_info=run_info)
+    print(json.dumps({**metrics, "split": split, "output_dir": str(output_dir)}, indent=2))
+    return 0

@@ -1,0 +1,186 @@
+"""Stage 3 (instruct) on the shared DeepSpeed loop: ZeRO-3 training, exact resume, an export that
+reloads to the same outputs, the trained-positions loss, freezing per tuning mode, config errors.
+
+Data: a toy LLaVA set of coloured squares with single-image, multi-turn, two-image and text-only
+conversations; model: tiny De-focus ViT + tiny Llama + the character tokenizer (tiny_cpu.yaml)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from defocus_vlm.training.config import ConfigError, load_config
+from PIL import Image
+
+torch.set_num_threads(1)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def turn(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    (root / "images").mkdir()
+    names = list(COLOURS)
+    for i in range(6):
+        for name, rgb in COLOURS.items():
+            Image.new("RGB", (16, 16), rgb).save(root / "images" / f"{name}{i}.png")
+    records = []
+    for i in range(6):
+        for k, name in enumerate(names):
+            other = names[(k + i) % 3]
+            records.append({"id": f"one{i}{k}", "image": f"{name}{i}.png",
+                            "conversations": turn("<image>\nwhat colour?", name)})
+            records.append({"id": f"two{i}{k}", "image": [f"{name}{i}.png", f"{other}{i}.png"],
+                            "conversations": turn("<image> <image> same?", "yes" if other == name else "no")
+                            + turn("and the first?", name)})
+    records.append({"id": "text", "conversations": turn("say hi", "hi")})
+    (root / "train.json").write_text(json.dumps(records))
+    (root / "eval.json").write_text(json.dumps(records[:8]))
+    return root
+
+
+def tiny(toy_data, out, *extra: str):
+    return load_config("tiny_cpu", [f"data.train_json={toy_data / 'train.json'}",
+                                    f"data.eval_json={toy_data / 'eval.json'}", "data.limit_train=0",
+                                    "data.limit_eval=0", "train.batch_size=8", "train.epochs=2",
+                                    "train.deepspeed=zero3", "train.checkpoint_every=2", "train.tensorboard=false",
+                                    f"train.output_dir={out}", *extra], stage="instruct")
+
+
+@pytest.fixture(scope="module")
+def zero3_run(toy_data, tmp_path_factory):
+    from defocus_vlm.training.instruct import run
+
+    out = tmp_path_factory.mktemp("zero3")
+    return out, run(tiny(toy_data, out))
+
+
+def test_zero3_run_trains_and_exports(zero3_run):
+    out, summary = zero3_run
+    assert summary["zero_stage"] == 3 and summary["steps"] == 2 * (37 // 8) == len(summary["losses"])
+    assert summary["losses"][-1] < summary["losses"][0]
+    val = summary["val"]["raw"]
+    assert val["samples"] == 8 and 0 <= val["exact_match"] <= 100 and val["loss"] > 0
+    for name in ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                 "chat_template.jinja", "generation_config.json"):
+        assert (out / "model" / name).is_file(), name
+
+
+def test_zero3_resume_reproduces_the_uninterrupted_run(zero3_run, toy_data, tmp_path):
+    from defocus_vlm.training.instruct import run
+
+    _, full = zero3_run
+    first = run(tiny(toy_data, tmp_path, "train.stop_after=3"))  # mid-epoch (4 steps per epoch)
+    assert first.get("interrupted") and len(first["losses"]) == 3
+    rest = run(tiny(toy_data, tmp_path), resume=True)
+    assert rest["losses"] == full["losses"]  # exact: weights, optimiser state and data order restored
+    assert rest["val"] == full["val"]
+
+
+def test_export_reloads_to_the_same_outputs(zero3_run, toy_data, tmp_path):
+    """The exported directory, loaded again (Auto classes and init_from), gives the trained model's
+    evaluation loss and answers, and AutoModelForImageTextToText loads it with its processor."""
+    from defocus_vlm.training.instruct import InstructTask
+    from defocus_vlm.training.loop import StepContext
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out, summary = zero3_run
+    task = InstructTask(tiny(toy_data, tmp_path, f"model.init_from={out / 'model'}"))
+    task.build_data()
+    model = task.build_model()
+    ctx = StepContext(0, 0, 0.0, 1, 0, 1, torch.device("cpu"), torch.float32, 0)
+    again = task.evaluate(model, ctx)
+    assert again["exact_match"] == summary["val"]["raw"]["exact_match"]
+    assert again["loss"] == pytest.approx(summary["val"]["raw"]["loss"], abs=1e-5)
+
+    auto = AutoModelForImageTextToText.from_pretrained(out / "model")
+    processor = AutoProcessor.from_pretrained(out / "model")
+    assert type(auto).__name__ == "DefocusVLMForConditionalGeneration"
+    for key, value in model.state_dict().items():
+        assert torch.equal(auto.state_dict()[key], value), key
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nwhat colour?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.new("RGB", (16, 16), COLOURS["red"]), text=text, return_tensors="pt")
+    ours = task.processor(images=Image.new("RGB", (16, 16), COLOURS["red"]), text=text, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], ours["input_ids"])
+    assert torch.equal(inputs["input_ids"][0], torch.as_tensor(task.encoder.encode_prompt(
+        [{"role": "user", "content": "<image>\nwhat colour?"}])))
+
+
+def test_trained_positions_loss_equals_the_models_own_loss(toy_data, tmp_path):
+    from defocus_vlm.training.instruct import InstructTask, next_token_loss
+
+    task = InstructTask(tiny(toy_data, tmp_path))
+    ds = task.build_data()
+    model = task.build_model().eval()
+    assert task.head_on_hidden
+    batch = task.collate_fn()([ds[i] for i in range(6)])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    own = model(**inputs, labels=batch["labels"]).loss
+    fast = next_token_loss(model, *inputs.values(), batch["labels"], model.get_output_embeddings())
+    full = next_token_loss(model, *inputs.values(), batch["labels"], None)
+    assert fast.item() == pytest.approx(own.item(), rel=1e-5) and full.item() == pytest.approx(own.item(), rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(toy_data, tmp_path):
+    from defocus_vlm.training.instruct import InstructTask, next_token_loss
+
+    grads = []
+    for checkpointing in (False, True):
+        task = InstructTask(tiny(toy_data, tmp_path, f"model.gradient_checkpointing={checkpointing}"))
+        ds = task.build_data()
+        torch.manual_seed(0)
+        model = task.build_model().train()
+        batch = task.collate_fn()([ds[i] for i in range(4)])
+        next_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                        model.get_output_embeddings()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.language_model.modules())
+    assert model.vision_tower.encoder.grad_checkpointing
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("tune, vision_frozen, trained", [
+    ("projector", True, {"multi_modal_projector"}),
+    ("finetune", True, {"multi_modal_projector", "language_model"}),
+    ("finetune", False, {"multi_modal_projector", "language_model", "vision_tower"}),
+])
+def test_tuning_modes_train_the_right_parts(toy_data, tmp_path, tune, vision_frozen, trained):
+    from defocus_vlm.training.instruct import InstructTask
+
+    task = InstructTask(tiny(toy_data, tmp_path, f"model.tune={tune}", f"model.vision.freeze={vision_frozen}"))
+    task.build_data()
+    model = task.build_model()
+    parts = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert parts == trained
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.tune=everything", "model.tune"),
+    ("model.llm.name=smollm2-135m-instruct", "exactly one of model.llm.name"),
+    ("model.lora.r=4", None),  # fine with finetune
+    ("data.overlong=cut", "data.overlong"),
+    ("train.ema_decay=0.99", "ema_decay"),
+])
+def test_config_is_validated(toy_data, tmp_path, override, message):
+    if message is None:
+        tiny(toy_data, tmp_path, override)
+        with pytest.raises(ConfigError, match="model.tune: finetune"):
+            tiny(toy_data, tmp_path, override, "model.tune=projector")
+        return
+    with pytest.raises(ConfigError, match=message):
+        tiny(toy_data, tmp_path, override)
+
+
+def test_cli_reports_missing_data_in_one_line(capsys, tmp_path):
+    from defocus_vlm.cli import main
+
+    code = main(["train", "instruct", "--config", "tiny_cpu", f"data.train_json={tmp_path / 'none.json'}",
+                 f"train.output_dir={tmp_path / 'run'}"])
+    assert code == 2 and "none.json" in capsys.readouterr().err

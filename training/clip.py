@@ -1,0 +1,408 @@
+"""Stage 2: CLIP-style image-text alignment of a De-focus image tower with a text tower, on the
+shared DeepSpeed loop (training/loop.py).
+
+The towers: the image tower is a preset or a stage-1 export; the text tower is a pretrained
+Hugging Face model (MiniLM, SmolLM2, ...) or one built from a config and trained from scratch.
+The loss is InfoNCE or SigLIP over the *global* batch (features gathered across processes). With
+gradient accumulation the step keeps every in-batch negative (GradCache): embeddings of all micro
+batches are computed without a graph, the loss and its gradient w.r.t. the embeddings are taken
+once, then every micro batch is recomputed with a graph and that gradient is pushed through it.
+
+``run(cfg, resume=False)`` trains, checkpoints, evaluates (zero-shot top-1/top-5 on labelled
+validation data, retrieval recall otherwise) and exports a CLIP directory (model + processor) with
+the image tower beside it in ``image_tower/`` for stage 3."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import FASHION_MNIST_DIR, ConfigError, OptimConfig, TrainConfig
+from .contrastive import LOSSES, contrastive_loss
+from .data import ClassificationDataset, verify_source
+from .loop import StageTask, StepContext, reduce_count, run_stage
+from .pairs import (
+    PAIR_SOURCES,
+    PairCollator,
+    PairDataset,
+    TemplatedPairs,
+    check_templates,
+    detect_pair_source,
+    open_pairs,
+)
+
+
+# --------------------------------------------------------------------------- run config
+@dataclass
+class VisionTowerConfig:
+    """A preset (``defocus-vlm presets``) with ``overrides`` (img_size / in_chans come from the
+    data), or ``init_from``: a stage-1 export (classifier or ``DefocusVisionModel`` directory)."""
+
+    preset: str = "defocus_vit_tiny"
+    patch_size: int = 16
+    overrides: dict = field(default_factory=dict)
+    init_from: str | None = None
+    lock: bool = False  # freeze the tower (its projection still trains)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TextTowerConfig:
+    """``pretrained``: a Hugging Face text model directory or name, loaded offline (``gguf_file``
+    for GGUF checkpoints such as SmolLM2's), with its own tokenizer; or ``config``: a dict with
+    ``model_type`` (e.g. a small ``llama``) for a tower trained from scratch, its vocabulary sized
+    from ``tokenizer`` ("byte": the built-in byte-level tokenizer, or a tokenizer directory)."""
+
+    pretrained: str | None = None
+    gguf_file: str | None = None
+    config: dict = field(default_factory=dict)
+    tokenizer: str | None = None  # None = the pretrained model's own
+    pooling: str = "auto"  # auto | last | mean | first (see DefocusCLIPConfig)
+    max_length: int = 32
+    lock: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ClipHeadConfig:
+    projection_dim: int = 256
+    loss: str = "clip"  # "clip" (InfoNCE) | "siglip"
+    logit_scale_init: float | None = None  # default: log(1/0.07) (clip) or log(10) (siglip)
+    logit_bias_init: float | None = None  # default: none (clip) or -10 (siglip)
+
+
+@dataclass
+class PairDataConfig:
+    """source: auto | csv | jsonl | hf | webdataset | fashion_mnist | easy_vqa | labelled (an image
+    folder / HF classification dataset captioned with ``templates``). File sources are one split
+    each: ``path`` trains and ``val_path`` (optional) validates."""
+
+    source: str = "auto"
+    path: str = FASHION_MNIST_DIR
+    val_path: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    templates: list | None = None  # caption templates of labelled sources ("a photo of a {}."); None = built-in
+    img_size: int = 224
+    in_chans: int = 3
+    crop_pct: float = 0.875
+    mean: list | None = None
+    std: list | None = None
+    interpolation: str = "bicubic"
+    num_workers: int = 0
+    on_corrupt: str = "skip"
+    verify: int = 64
+    limit_train: int = 0
+    limit_val: int = 0
+
+
+@dataclass
+class PairAugmentConfig:
+    """Image augmentation (timm). Colour changes are off by default: captions may name colours."""
+
+    scale: list = field(default_factory=lambda: [0.9, 1.0])
+    hflip: float = 0.0
+    rand_augment: str | None = None
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+
+
+@dataclass
+class ClipRunConfig:
+    stage: str = "clip"
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    model: ClipHeadConfig = field(default_factory=ClipHeadConfig)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    augment: PairAugmentConfig = field(default_factory=PairAugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the configs set open_clip's recipe (see configs/clip)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        t, d, v, x = self.train, self.data, self.vision, self.text
+        checks = [
+            (t.batch_size >= 2, "train.batch_size must be at least 2 (contrastive losses need negatives)"),
+            (t.epochs > 0, "train.epochs must be positive"),
+            (0 <= t.drop_path_min <= t.drop_path_max < 1, "need 0 <= train.drop_path_min <= train.drop_path_max < 1"),
+            (t.drop_path_schedule in ("linear", "constant"), "train.drop_path_schedule must be 'linear' or 'constant'"),
+            (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+            (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+            (d.source in PAIR_SOURCES, f"data.source must be one of {', '.join(PAIR_SOURCES)}"),
+            (d.on_corrupt in ("skip", "fail"), "data.on_corrupt must be 'skip' or 'fail'"),
+            (d.in_chans in (1, 3), "data.in_chans must be 1 or 3"),
+            (self.model.loss in LOSSES, f"model.loss must be one of {', '.join(LOSSES)}"),
+            (self.model.projection_dim > 0, "model.projection_dim must be positive"),
+            (x.pooling in ("auto", "last", "mean", "first"), "text.pooling must be auto, last, mean or first"),
+            (x.max_length > 0, "text.max_length must be positive"),
+            (bool(x.pretrained) != bool(x.config),
+             "give exactly one of text.pretrained (a Hugging Face text model) and text.config (a model_type and "
+             "sizes, trained from scratch)"),
+            (bool(x.pretrained) or bool(x.tokenizer), "text.config needs text.tokenizer ('byte' or a tokenizer path)"),
+            (not (v.lock and x.lock),
+             "vision.lock and text.lock are both set: nothing but the projections would train"),
+            (self.optim.min_lr >= 0 and self.optim.lr > 0, "optim.lr must be positive, optim.min_lr >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if d.templates is not None:
+            try:
+                check_templates(d.templates, "data.templates")
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+
+
+# --------------------------------------------------------------------------- building blocks
+def build_tokenizer(text: TextTowerConfig):
+    from defocus_vlm.processing_clip import byte_level_tokenizer
+
+    name = text.tokenizer or text.pretrained
+    if name == "byte":
+        return byte_level_tokenizer(text.max_length)
+    from transformers import AutoTokenizer
+
+    gguf = text.gguf_file if name == text.pretrained else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load the tokenizer from {name!r}: {err}") from err
+    if tokenizer.pad_token is None:  # causal LM tokenizers often have none; pooling reads the mask anyway
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"the tokenizer of {name!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.model_max_length = text.max_length
+    return tokenizer
+
+
+def _text_tower(text: TextTowerConfig, tokenizer):
+    """(config, model or None): a pretrained model, or a config sized for the tokenizer."""
+    if text.pretrained:
+        from transformers import AutoModel
+
+        kwargs = {"gguf_file": text.gguf_file} if text.gguf_file else {}
+        try:
+            model = AutoModel.from_pretrained(text.pretrained, dtype=torch.float32, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"cannot load the text model {text.pretrained!r}: {err}") from err
+        return model.config, model
+    values = dict(text.config)
+    if values.get("vocab_size", len(tokenizer)) < len(tokenizer):
+        raise ConfigError(f"text.config.vocab_size {values['vocab_size']} is smaller than the tokenizer's "
+                          f"{len(tokenizer)} tokens")
+    values.setdefault("vocab_size", len(tokenizer))
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        values.setdefault(key, getattr(tokenizer, key))
+    return values, None
+
+
+def _vision_tower(cfg: ClipRunConfig):
+    """(config, model or None): a stage-1 export, or a preset sized for the data."""
+    from defocus_vlm import DefocusVisionConfig, DefocusVisionModel
+
+    v, d = cfg.vision, cfg.data
+    if v.init_from:
+        path = Path(v.init_from)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"vision.init_from: no model at {path} (config.json missing)")
+        model = DefocusVisionModel.from_pretrained(path)
+        if model.config.in_chans != d.in_chans:
+            raise ConfigError(f"vision.init_from {path} reads {model.config.in_chans}-channel images but "
+                              f"data.in_chans is {d.in_chans}")
+        return model.config, model
+    for key in ("img_size", "in_chans", "patch_size"):
+        if key in v.overrides:
+            raise ConfigError(f"vision.overrides.{key} is set elsewhere (data.{key} / vision.patch_size); remove it")
+    try:
+        config = DefocusVisionConfig.from_preset(v.preset, img_size=d.img_size, in_chans=d.in_chans,
+                                                 patch_size=v.patch_size, num_labels=0, aux_loss="none",
+                                                 **v.overrides)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"vision tower config: {err}") from err
+    return config, None
+
+
+def build_clip_model(cfg: ClipRunConfig, tokenizer):
+    from defocus_vlm import DefocusCLIPConfig, DefocusCLIPModel
+
+    vision_config, vision_model = _vision_tower(cfg)
+    text_config, text_model = _text_tower(cfg.text, tokenizer)
+    m = cfg.model
+    try:
+        config = DefocusCLIPConfig(
+            vision_config=vision_config, text_config=text_config, projection_dim=m.projection_dim,
+            text_pooling=cfg.text.pooling, loss_type=m.loss, logit_scale_init_value=m.logit_scale_init,
+            logit_bias_init_value=m.logit_bias_init)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"CLIP model config: {err}") from err
+    model = DefocusCLIPModel(config, vision_model=vision_model, text_model=text_model)
+    if cfg.vision.gradient_checkpointing:
+        model.vision_model.gradient_checkpointing_enable()
+    if cfg.text.gradient_checkpointing:
+        model.text_model.gradient_checkpointing_enable()
+    if cfg.vision.lock:
+        model.lock_image_tower()
+    if cfg.text.lock:
+        model.lock_text_tower()
+    return model
+
+
+# --------------------------------------------------------------------------- the stage
+class ClipTask(StageTask):
+    name = "clip"
+
+    def build_data(self) -> PairDataset:
+        from .augment import AugmentConfig, EvalTransform, TrainTransform
+
+        cfg, d = self.cfg, self.cfg.data
+        self.tokenizer = build_tokenizer(cfg.text)
+        self.collator = PairCollator(self.tokenizer, cfg.text.max_length)
+        train_src = open_pairs(d.source, d.path, d.train_split, d.image_column, d.caption_column, d.templates)
+        val_src = self._open_val()
+        if d.verify:
+            verify_source(train_src, d.verify, "train")
+            if val_src is not None:
+                verify_source(val_src, d.verify, "val")
+        self.val_pairs = val_src
+        # labelled validation data is scored zero-shot (class-name prompts), anything else by retrieval
+        self.zeroshot = isinstance(val_src, TemplatedPairs) and val_src.names is not None
+        self.curve_metric = "top1" if self.zeroshot else "i2t_r1" if val_src is not None else None
+        if val_src is not None:
+            labelled = val_src.source if self.zeroshot else val_src
+            dataset_class = ClassificationDataset if self.zeroshot else PairDataset
+            self.val_ds = dataset_class(labelled, EvalTransform(d), d.on_corrupt, d.limit_val)
+        a = cfg.augment
+        augment = AugmentConfig(scale=a.scale, hflip=a.hflip, rand_augment=a.rand_augment, color_jitter=a.color_jitter,
+                                random_erasing=a.random_erasing, mixup=0.0, cutmix=0.0, repeated_aug=0)
+        self.counters.setdefault("skipped_images", 0)
+        return PairDataset(train_src, TrainTransform(d, augment), d.on_corrupt, d.limit_train)
+
+    def _open_val(self):
+        d = self.cfg.data
+        kind = d.source if d.source != "auto" else detect_pair_source(d.path)
+        if kind in ("csv", "jsonl", "webdataset") and not d.val_path:
+            return None  # one file is one split: validate only when data.val_path is given
+        path = d.val_path or d.path
+        return open_pairs(d.source, path, d.val_split, d.image_column, d.caption_column, d.templates,
+                          sample_templates=False)
+
+    def collate_fn(self):
+        return self.collator
+
+    def build_model(self) -> torch.nn.Module:
+        self.model = build_clip_model(self.cfg, self.tokenizer)
+        return self.model
+
+    def describe(self, model: torch.nn.Module) -> str:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        val = f"{len(self.val_ds)} val {'images (zero-shot)' if self.zeroshot else 'pairs'}" \
+            if self.val_pairs is not None else "no validation"
+        total = sum(p.numel() for p in model.parameters())
+        return (f"clip ({self.cfg.model.loss}): image tower {model.config.vision_config.preset or 'custom'}, "
+                f"text tower {model.config.text_config.model_type} | {total / 1e6:.2f}M params, "
+                f"{trainable / 1e6:.2f}M trained | {val}")
+
+    # ---- one optimiser step
+    @staticmethod
+    def _inputs(batch: dict, ctx: StepContext) -> dict:
+        return {"pixel_values": batch["pixel_values"].to(ctx.device, ctx.dtype),
+                "input_ids": batch["input_ids"].to(ctx.device),
+                "attention_mask": batch["attention_mask"].to(ctx.device),
+                "drop_path_rate": ctx.drop_path}
+
+    def _loss(self, image_embeds, text_embeds, scale, bias) -> torch.Tensor:
+        return contrastive_loss(self.cfg.model.loss, image_embeds, text_embeds, scale, bias)
+
+    def micro_loss(self, engine, batch: dict, ctx: StepContext) -> torch.Tensor:
+        out = engine(**self._inputs(batch, ctx))
+        return self._loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
+
+    def train_step(self, engine, batches: list, ctx: StepContext) -> float:
+        self.counters["skipped_images"] += reduce_count(sum(b["skipped"] for b in batches))
+        if len(batches) == 1:
+            return super().train_step(engine, batches, ctx)
+        return self._cached_step(engine, batches, ctx)
+
+    def _cached_step(self, engine, batches: list, ctx: StepContext) -> float:
+        """Gradient accumulation that keeps every negative of the step's batch (GradCache)."""
+        with torch.no_grad():
+            outs = []
+            for m, batch in enumerate(batches):
+                ctx.seed_micro(m)  # the same drop-path masks as the recomputation below
+                outs.append(engine(**self._inputs(batch, ctx)))
+        images = torch.cat([o.image_embeds for o in outs]).requires_grad_()
+        texts = torch.cat([o.text_embeds for o in outs]).requires_grad_()
+        scale = outs[0].logit_scale.detach().requires_grad_()
+        bias = outs[0].logit_bias.detach().requires_grad_() if outs[0].logit_bias is not None else None
+        loss = self._loss(images, texts, scale, bias)
+        loss.backward()  # d loss / d embeddings, through the gather across processes
+        sizes = [len(o.image_embeds) for o in outs]
+        image_grads, text_grads = images.grad.split(sizes), texts.grad.split(sizes)
+        for m, batch in enumerate(batches):
+            ctx.seed_micro(m)
+            out = engine(**self._inputs(batch, ctx))
+            surrogate = (out.image_embeds * image_grads[m]).sum() + (out.text_embeds * text_grads[m]).sum()
+            if m == 0:  # the temperature (and bias) enter the loss once per step
+                surrogate = surrogate + (out.logit_scale * scale.grad).sum()
+                if bias is not None:
+                    surrogate = surrogate + (out.logit_bias * bias.grad).sum()
+            engine.backward(surrogate * len(batches))  # engine.backward divides by the accumulation steps
+            engine.step()
+        return float(loss.detach())
+
+    # ---- evaluation and export
+    def evaluate(self, model: torch.nn.Module, ctx: StepContext) -> dict:
+        """Every process scores the whole validation set (retrieval needs all of it in one place)."""
+        if self.val_pairs is None:
+            return {}
+        t = self.cfg.train
+        if self.zeroshot:
+            from defocus_vlm.eval.zeroshot import evaluate_zeroshot
+
+            return evaluate_zeroshot(model, self.tokenizer, self.val_ds, self.val_pairs.names,
+                                     self.val_pairs.templates, ctx.device, ctx.dtype, t.eval_batch_size,
+                                     self.num_workers())
+        from defocus_vlm.eval.retrieval import evaluate_retrieval
+
+        return evaluate_retrieval(model, self.val_ds, self.collator, ctx.device, ctx.dtype, t.eval_batch_size,
+                                  self.num_workers())
+
+    def summary_line(self, metrics: dict) -> str:
+        key = "top1" if self.zeroshot else "i2t_r1"
+        label = "zero-shot top-1" if self.zeroshot else "image->text R@1"
+        text = f"val {label} {metrics['raw'][key]:.2f}"
+        return text + (f" (EMA {metrics['ema'][key]:.2f})" if "ema" in metrics else "")
+
+    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> Path:
+        """Main directory = EMA weights when kept (raw weights in raw/); each with the processor and
+        the image tower in image_tower/ (a DefocusVisionModel directory for stage 3)."""
+        if ema_state is not None:
+            self._export_one({**state, **ema_state}, out_dir)
+            self._export_one(state, out_dir / "raw")
+        else:
+            self._export_one(state, out_dir)
+        return out_dir
+
+    def _export_one(self, state: dict, out_dir: Path) -> None:
+        from defocus_vlm import DefocusCLIPModel, DefocusCLIPProcessor
+
+        from .augment import image_processor
+
+        model = DefocusCLIPModel(self.model.config)
+        own = model.state_dict()
+        missing = set(own) - set(state)
+        if missing:
+            raise ValueError(f"cannot export: weights missing for {sorted(missing)[:5]}")
+        model.load_state_dict({k: state[k].detach().float().cpu() for k in own})
+        model.eval()
+        processor = DefocusCLIPProcessor(image_processor(self.cfg.data), self.tokenizer)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        processor.save_pretrained(out_dir)
+        model.save_image_tower(out_dir / "image_tower", processor.image_processor)
+
+
+def run(cfg: ClipRunConfig, resume: bool = False) -> dict:
+    return run_stage(ClipTask(cfg), cfg, resume)

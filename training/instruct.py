@@ -1,0 +1,449 @@
+"""Stage 3: LLaVA-style instruction tuning of the VLM on the shared DeepSpeed loop (training/loop.py).
+
+``model.tune: projector`` trains the projector alone (encoder and language model frozen; LLaVA's
+pre-training stage); ``model.tune: finetune`` trains the projector and the language model, fully or
+with LoRA (``model.lora.r > 0``), and the encoder too when ``model.vision.freeze`` is false. The model
+is built from a vision tower (a preset, a stage-1 export or an extracted CLIP image tower), a
+language model (a path/name/alias for :func:`defocus_vlm.llm.load_llm`, or a config for a randomly
+initialised one) and a projector; or it starts from an existing VLM directory (``model.init_from``).
+
+The loss is computed only where it counts: the language model's head runs on the hidden states
+that predict a trained token, not on every image and prompt token (see :func:`next_token_loss`). Evaluation is
+greedy exact match on the held-out conversations (their last assistant turn) plus the teacher-forced
+loss. ``run(cfg, resume=False)`` returns the summary (with per-step losses)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, OptimConfig, TrainConfig
+from .engine import all_reduce_sum
+from .llava_data import (
+    IGNORE_INDEX,
+    OVERLONG_POLICIES,
+    ConversationEncoder,
+    LlavaCollator,
+    LlavaDataset,
+    read_llava_json,
+    resolve_images,
+)
+from .loop import StageTask, StepContext, run_stage
+
+TUNE_MODES = ("projector", "finetune")
+CHAR_TOKENIZER = "char"
+
+
+@dataclass
+class VisionTowerConfig:
+    """source: a preset name (random init; ``img_size``, ``patch_size`` and ``overrides`` apply) or a
+    directory with a DefocusVisionModel (a stage-1 classifier export, an image tower extracted from
+    a CLIP model, or a VLM directory whose encoder is taken; its own config applies).
+    freeze: keep the encoder frozen in ``finetune``."""
+
+    source: str = "defocus_mamba_tiny"
+    img_size: int = 224
+    patch_size: int = 16
+    overrides: dict = field(default_factory=dict)
+    freeze: bool = True
+
+
+@dataclass
+class LanguageModelConfig:
+    """name: a causal LM for ``load_llm`` (a directory, a cached hub name or ``smollm2-135m-instruct``).
+    config: instead of ``name``, a transformers config dict with ``model_type`` for a randomly
+    initialised LM (vocabulary size and special token ids come from the tokenizer).
+    tokenizer: defaults to ``name``'s; with ``config`` give a path/name/alias or ``char`` (the built-in
+    character tokenizer)."""
+
+    name: str | None = None
+    config: dict = field(default_factory=dict)
+    tokenizer: str | None = None
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the language model (peft); r = 0 trains it fully."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class InstructModelConfig:
+    tune: str = "finetune"  # "projector" | "finetune"
+    init_from: str | None = None  # an existing VLM directory (vision / llm / projector settings are then ignored)
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    llm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    projector_type: str = "mlp2x_gelu"
+    vision_feature_select: str = "all"
+    vision_feature_layer: int = -1
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class InstructDataConfig:
+    """LLaVA JSON conversations; image paths are relative to ``image_folder`` (default: the ``images``
+    folder next to ``train_json``). ``overlong``: what happens to samples longer than ``max_length``
+    tokens (image tokens included): truncate (text only; samples whose image tokens would be cut are
+    dropped), drop or error."""
+
+    train_json: str = ""
+    eval_json: str = ""
+    image_folder: str = ""
+    max_length: int = 2048
+    overlong: str = "truncate"
+    crop_pct: float = 1.0  # whole images by default (LLaVA does not crop)
+    chat_template: str | None = None  # a Jinja template (text or a file); default: the processor's
+    limit_train: int = 0  # first N conversations only (0 = all)
+    limit_eval: int = 0
+    max_new_tokens: int = 16
+    num_workers: int = 0
+
+
+def _instruct_optim() -> OptimConfig:
+    return OptimConfig(lr=2e-5, scale_lr=False, weight_decay=0.0, warmup_epochs=0.03, warmup_lr=0.0, min_lr=0.0,
+                       clip_grad=1.0)
+
+
+def _instruct_train() -> TrainConfig:
+    return TrainConfig(epochs=1, batch_size=128, drop_path_min=0.0, drop_path_max=0.0, ema_decay=0.0,
+                       eval_batch_size=64, output_dir="runs/instruct")
+
+
+@dataclass
+class InstructRunConfig:
+    stage: str = "instruct"
+    model: InstructModelConfig = field(default_factory=InstructModelConfig)
+    data: InstructDataConfig = field(default_factory=InstructDataConfig)
+    optim: OptimConfig = field(default_factory=_instruct_optim)
+    train: TrainConfig = field(default_factory=_instruct_train)
+
+    def validate(self) -> None:
+        m, d, t = self.model, self.data, self.train
+        checks = [
+            (m.tune in TUNE_MODES, f"model.tune must be one of {TUNE_MODES}, got {m.tune!r}"),
+            (m.lora.r >= 0, "model.lora.r must be >= 0 (0 = no LoRA)"),
+            (m.lora.r == 0 or m.tune == "finetune", "model.lora needs model.tune: finetune (projector mode trains "
+                                                    "the projector only)"),
+            (m.lora.r == 0 or bool(m.lora.target_modules), "model.lora.target_modules is empty"),
+            (0 <= m.lora.dropout < 1, "model.lora.dropout must be in [0, 1)"),
+            (bool(m.init_from) or bool(m.llm.name) != bool(m.llm.config),
+             "give exactly one of model.llm.name and model.llm.config (or model.init_from)"),
+            (bool(m.init_from) or bool(m.llm.name) or bool(m.llm.tokenizer),
+             "model.llm.config needs model.llm.tokenizer (a path/name, or 'char')"),
+            (bool(d.train_json), "data.train_json is required (a LLaVA JSON file)"),
+            (d.overlong in OVERLONG_POLICIES, f"data.overlong must be one of {OVERLONG_POLICIES}"),
+            (d.max_length > 0 and d.max_new_tokens > 0, "data.max_length and data.max_new_tokens must be positive"),
+            (0 < d.crop_pct <= 1, "data.crop_pct must be in (0, 1]"),
+            (t.batch_size > 0 and t.epochs > 0, "train.batch_size and train.epochs must be positive"),
+            (t.ema_decay == 0, "train.ema_decay must be 0 for instruction tuning (no EMA of a language model)"),
+            (t.drop_path_max == 0, "train.drop_path_min/max must be 0: the encoder's drop path is not used here"),
+            (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+            (self.optim.lr > 0 and self.optim.min_lr >= 0, "optim.lr must be positive, optim.min_lr >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------- model parts
+def load_tokenizer(spec: str):
+    from defocus_vlm.llm import build_char_tokenizer, load_tokenizer
+
+    return build_char_tokenizer() if spec == CHAR_TOKENIZER else load_tokenizer(spec)
+
+
+def vision_tower(v: VisionTowerConfig):
+    """A DefocusVisionModel (from a directory: a vision model or classifier, or a VLM's encoder) or a
+    DefocusVisionConfig (from a preset)."""
+    import json
+
+    from defocus_vlm import DefocusVisionConfig, DefocusVisionModel
+
+    source = Path(v.source)
+    if source.is_dir():
+        if not (source / "config.json").is_file():
+            raise FileNotFoundError(f"model.vision.source {source} has no config.json (expected a De-focus "
+                                    "vision model, classifier or VLM directory)")
+        if json.loads((source / "config.json").read_text()).get("model_type") == "defocus_vlm":
+            from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration
+
+            return DefocusVLMForConditionalGeneration.from_pretrained(source).vision_tower
+        return DefocusVisionModel.from_pretrained(source)
+    try:
+        return DefocusVisionConfig.from_preset(v.source, img_size=v.img_size, patch_size=v.patch_size, num_labels=0,
+                                               **v.overrides)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"model.vision: {err}") from err
+
+
+def random_language_model(config: dict, tokenizer):
+    """A randomly initialised causal LM from a config dict, sized to ``tokenizer`` (image token included)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from defocus_vlm.processing_vlm import add_image_token
+
+    add_image_token(tokenizer)
+    values = dict(config)
+    model_type = values.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError("model.llm.config needs a model_type (e.g. llama)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    values.update(vocab_size=len(tokenizer), pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    try:
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"model.llm.config: {err}") from err
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (non-reentrant, so frozen inputs need no grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def head_reads_last_hidden(language_model) -> bool:
+    """Whether the language model's logits are its output embedding applied to its last hidden state
+    (transformers' Llama, Qwen, SmolLM2, Mamba, ...; not models that scale or soft-cap their logits)."""
+    head = language_model.get_output_embeddings()
+    if head is None:
+        return False
+    ids = torch.arange(min(4, language_model.config.vocab_size))[None]
+    with torch.no_grad():
+        out = language_model(input_ids=ids, output_hidden_states=True)
+    return bool(out.hidden_states) and torch.allclose(head(out.hidden_states[-1]), out.logits, atol=1e-5)
+
+
+def next_token_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                    labels: torch.Tensor, head: torch.nn.Module | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the trained next tokens (``labels`` aligned with ``input_ids``, -100 ignored).
+
+    head: the language model's output embedding when its logits are ``head(last hidden state)`` (see
+    :func:`head_reads_last_hidden`): then only the hidden states that predict a trained token go
+    through it, which gives the same loss for far less work and memory with a large vocabulary.
+    Without it the model's full logits are used."""
+    targets = labels[:, 1:]
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    if head is None:
+        logits = model(**inputs).logits[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
+    hidden = model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return F.cross_entropy(head(hidden[rows, cols]).float(), targets[rows, cols], reduction=reduction)
+
+
+# --------------------------------------------------------------------------- the task
+class InstructTask(StageTask):
+    name = "instruct"
+    curve_metric = "exact_match"
+
+    # ---- data
+    def build_data(self) -> LlavaDataset:
+        d = self.cfg.data
+        self.processor = self._build_processor()
+        tokenizer = self.processor.tokenizer
+        template = d.chat_template
+        if template is not None and Path(template).is_file():
+            template = Path(template).read_text()
+        self.chat_template = template or self.processor.chat_template or tokenizer.chat_template
+        size = self.processor.image_processor.size
+        self.encoder = ConversationEncoder(tokenizer, self.processor.image_token, self.processor.num_image_tokens(
+            size, size), d.max_length, d.overlong, self.chat_template)
+        image_folder = Path(d.image_folder) if d.image_folder else Path(d.train_json).parent / "images"
+        train = self._read(d.train_json, image_folder, d.limit_train)
+        samples = [s for s in (self.encoder.encode(c) for c in train) if s is not None]
+        self.dropped_train = dict(self.encoder.dropped)
+        self.eval_ds, self.eval_prompts = None, []
+        if d.eval_json:
+            conversations = self._read(d.eval_json, image_folder, d.limit_eval)
+            self.encoder.dropped.clear()
+            encoded = [self.encoder.encode(c) for c in conversations]
+            kept = [(c, s) for c, s in zip(conversations, encoded) if s is not None]
+            self.eval_ds = LlavaDataset([s for _, s in kept], image_folder, self.processor.image_processor)
+            self.eval_prompts = [self._prompt(c) for c, _ in kept]
+        self.num_train = len(samples)
+        return LlavaDataset(samples, image_folder, self.processor.image_processor)
+
+    def _read(self, path: str, image_folder: Path, limit: int) -> list:
+        conversations = read_llava_json(path, self.processor.image_token)
+        conversations = conversations[:limit] if limit else conversations
+        resolve_images(conversations, image_folder, path)
+        return conversations
+
+    def _prompt(self, conversation) -> dict:
+        """The prompt up to the last assistant turn (ids with image tokens), its images and the answer."""
+        last = max(i for i, m in enumerate(conversation.messages) if m["role"] == "assistant")
+        history = conversation.messages[:last]
+        shown = sum(m["content"].count(self.processor.image_token) for m in history)
+        return {"input_ids": torch.from_numpy(self.encoder.encode_prompt(history)),
+                "images": conversation.images[:shown], "answer": conversation.messages[last]["content"]}
+
+    def _build_processor(self):
+        from defocus_vlm import DefocusImageProcessor
+        from defocus_vlm.processing_vlm import DefocusVLMProcessor, add_image_token
+
+        m = self.cfg.model
+        if m.init_from:
+            from transformers import AutoProcessor
+
+            return AutoProcessor.from_pretrained(m.init_from)
+        tower = vision_tower(m.vision)
+        self.vision = tower
+        vision_config = getattr(tower, "config", tower)
+        tokenizer = load_tokenizer(m.llm.tokenizer or m.llm.name)
+        add_image_token(tokenizer)
+        tokenizer.padding_side = "left"
+        image_processor = DefocusImageProcessor(size=vision_config.img_size, crop_pct=self.cfg.data.crop_pct,
+                                                num_channels=vision_config.in_chans)
+        return DefocusVLMProcessor(image_processor, tokenizer, patch_size=vision_config.patch_size,
+                                   vision_feature_select=m.vision_feature_select,
+                                   has_class_token=vision_config.cls_position != "none")
+
+    def collate_fn(self):
+        return LlavaCollator(self.processor.tokenizer.pad_token_id)
+
+    # ---- model
+    def build_model(self) -> torch.nn.Module:
+        from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration, build_vlm
+
+        m = self.cfg.model
+        if m.init_from:
+            model = DefocusVLMForConditionalGeneration.from_pretrained(m.init_from, dtype=torch.float32)
+        else:
+            tokenizer = self.processor.tokenizer
+            llm = m.llm.name if m.llm.name else random_language_model(m.llm.config, tokenizer)
+            model, processor = build_vlm(self.vision, llm, tokenizer=tokenizer,
+                                         image_processor=self.processor.image_processor,
+                                         projector_type=m.projector_type,
+                                         vision_feature_select=m.vision_feature_select,
+                                         vision_feature_layer=m.vision_feature_layer)
+            self.processor = processor
+        if model.config.image_token_id != self.processor.image_token_id:
+            raise ConfigError(f"the model's image_token_id {model.config.image_token_id} is not the processor's "
+                              f"{self.processor.image_token} id {self.processor.image_token_id}")
+        self.model_config, self.generation_config = model.config, copy.deepcopy(model.generation_config)
+        self.head_on_hidden = head_reads_last_hidden(model.language_model)
+        train_vision = m.tune == "finetune" and not m.vision.freeze
+        model.requires_grad_(False)
+        model.multi_modal_projector.requires_grad_(True)
+        model.vision_tower.requires_grad_(train_vision)
+        if m.tune == "finetune" and m.lora.r == 0:
+            model.language_model.requires_grad_(True)
+        if m.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        if m.lora.r:
+            from .lora import apply_lora
+
+            trainable = [model.multi_modal_projector] + ([model.vision_tower] if train_vision else [])
+            model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, list(m.lora.target_modules), trainable)
+            self.peft_model = model
+        return model
+
+    def describe(self, model: torch.nn.Module) -> str:
+        total = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        m = self.cfg.model
+        mode = m.tune + (f" + LoRA r={m.lora.r}" if m.lora.r else "")
+        dropped = f", dropped {self.dropped_train}" if self.dropped_train else ""
+        evals = f", {len(self.eval_prompts)} eval" if self.eval_prompts else ""
+        size = self.processor.image_processor.size
+        return (f"instruct ({mode}): {total / 1e6:.2f}M params, {trained / 1e6:.2f}M trained | "
+                f"{self.processor.num_image_tokens(size, size)} tokens per image | "
+                f"{self.num_train} train conversations{dropped}{evals}")
+
+    # ---- one step
+    def micro_loss(self, engine, batch: dict, ctx: StepContext) -> torch.Tensor:
+        return next_token_loss(engine, *self._inputs(batch, ctx), batch["labels"].to(ctx.device),
+                               self._head(engine.module))
+
+    def _head(self, model) -> torch.nn.Module | None:
+        return model.get_output_embeddings() if self.head_on_hidden else None
+
+    @staticmethod
+    def _inputs(batch: dict, ctx: StepContext) -> tuple:
+        pixels = batch["pixel_values"]
+        return (batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device),
+                pixels.to(ctx.device, ctx.dtype) if pixels is not None else None)
+
+    # ---- evaluation
+    def evaluate(self, model: torch.nn.Module, ctx: StepContext) -> dict:
+        if self.eval_ds is None:
+            return {}
+        was_training = model.training
+        model.eval()
+        # ZeRO-3 needs every process in every forward: then each evaluates everything (same answers).
+        sharded = not any(hasattr(p, "ds_id") for p in model.parameters())
+        indices = range(ctx.rank, len(self.eval_ds), ctx.world) if sharded else range(len(self.eval_ds))
+        size = self.cfg.train.eval_batch_size
+        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, trained tokens, correct, answered
+        with torch.no_grad():
+            for start in range(0, len(indices), size):
+                chunk = list(indices[start:start + size])
+                totals += self._eval_batch(model, chunk, ctx, synced=not sharded)
+        if sharded:
+            totals = all_reduce_sum(totals)
+        model.train(was_training)
+        loss_sum, tokens, correct, answered = totals.tolist()
+        return {"exact_match": round(100.0 * correct / answered, 4), "loss": round(loss_sum / tokens, 6),
+                "samples": int(answered)}
+
+    def _eval_batch(self, model, chunk: list[int], ctx: StepContext, synced: bool) -> torch.Tensor:
+        from defocus_vlm.eval.vqa_metrics import exact_match
+
+        batch = self.collate_fn()([self.eval_ds[i] for i in chunk])
+        labels = batch["labels"].to(ctx.device)
+        loss_sum = next_token_loss(model, *self._inputs(batch, ctx), labels, self._head(model), reduction="sum")
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        answers = self.generate(model, [self.eval_prompts[i] for i in chunk], ctx, synced)
+        correct = sum(exact_match(a, self.eval_prompts[i]["answer"]) for a, i in zip(answers, chunk))
+        return torch.tensor([float(loss_sum), tokens, correct, len(chunk)], dtype=torch.float64)
+
+    def generate(self, model, prompts: list[dict], ctx: StepContext, synced: bool = False) -> list[str]:
+        """Greedy answers to left-padded prompts (``_prompt`` items). synced: every process runs every
+        decoding step (ZeRO-3, where each forward needs all processes)."""
+        tokenizer = self.processor.tokenizer
+        batch = LlavaCollator(tokenizer.pad_token_id, padding_side="left")(
+            [{"input_ids": p["input_ids"], "pixel_values": self.eval_ds.load_images(p["images"])} for p in prompts])
+        ids, mask, pixels = self._inputs(batch, ctx)
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
+                             max_new_tokens=self.cfg.data.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced and ctx.world > 1)
+        return [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+
+    def summary_line(self, metrics: dict) -> str:
+        raw = metrics["raw"]
+        return f"eval exact match {raw['exact_match']:.2f} % ({raw['samples']} questions), loss {raw['loss']:.4f}"
+
+    # ---- export
+    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> Path:
+        from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration
+
+        base = DefocusVLMForConditionalGeneration(self.model_config)
+        base.generation_config = copy.deepcopy(self.generation_config)
+        if self.cfg.model.lora.r:
+            from .lora import export_lora
+
+            return export_lora(self.peft_model, state, base, self.processor, out_dir)
+        base.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
+        base.eval().save_pretrained(out_dir, safe_serialization=True)
+        self.processor.save_pretrained(out_dir)
+        return out_dir
+
+
+def run(cfg: InstructRunConfig, resume: bool = False) -> dict:
+    return run_stage(InstructTask(cfg), cfg, resume)
