@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a model: defocus-vlm train classification --config FILE [key=value ...]"),
     "eval": ("evaluate", "evaluate a model: defocus-vlm eval classification --model DIR --data PATH"),
     "classify": ("classify", "classify images with an exported model"),
+    "config-reference": ("config_reference", "print every config field with its default and meaning (Markdown)"),
     "analyze": ("analyze", "over-focus diagnostics: attention, receptive-field and gradient maps per layer"),
     "data": ("data", "prepare data sets: defocus-vlm data easy-vqa --out DIR (LLaVA JSON + images)"),
     "merge-lora": ("merge_lora", "fold a LoRA adapter into its VLM: defocus-vlm merge-lora --model DIR --out DIR"),

@@ -33,33 +33,32 @@ class EncoderConfig:
     """
 
     mixer: str = "mamba"
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 384
-    depth: int = 24
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
+    img_size: int = 224  # input resolution (square); other sizes are accepted at run time if divisible by patch_size
+    patch_size: int = 16  # side of a square patch; tokens = (img_size / patch_size)^2 (+1 class token)
+    in_chans: int = 3  # image channels (3 RGB, 1 grey)
+    embed_dim: int = 384  # token width
+    depth: int = 24  # number of blocks
+    num_heads: int = 6  # attention / retention heads (vit, retnet)
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim (vit, retnet)
+    qkv_bias: bool = True  # bias in the q, k, v projections (vit, retnet)
     causal: bool = True
     decay: str = "learnable"
     rope: str = "learnable"
-    rope_base: float = 10000.0
+    rope_base: float = 10000.0  # base of the fixed RoPE frequencies (and the learnable ones' initial values)
     cls_position: str = "end"
     pos_embed: str = "none"
-    norm_eps: float | None = None
-    final_norm_eps: float = 1e-6
-    drop_path_rate: float = 0.0
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int = 48
+    norm_eps: float | None = None  # block LayerNorm/RMSNorm eps (null: 1e-5 for mamba, 1e-6 otherwise)
+    final_norm_eps: float = 1e-6  # eps of the norm after the last block
+    drop_path_rate: float = 0.0  # stochastic depth rate when the caller passes none (training schedules pass their own)
+    d_state: int = 16  # mamba SSM state size N
+    d_conv: int = 4  # mamba causal depthwise conv width
+    expand: int = 2  # mamba inner width = expand * embed_dim
+    dt_rank: int = 48  # mamba rank of the Delta projection
     group_norm_size: int = 64
     rope_tied: bool = False
     delta_scale_factor: float = 1.0
     rope_scale_factor: float = 1.0
-    residual_in_fp32: bool = True
-
+    residual_in_fp32: bool = True  # keep the residual stream in float32 under bf16 (as the official Mamba code)
     def __post_init__(self) -> None:
         self.validate()
 

@@ -130,7 +130,8 @@ def layer_maps(
     encoder = _encoder(model)
     if model.training:
         raise ValueError("the maps need the model in eval mode (model.eval()): drop path would make them random")
-    rows_per_pass = rows_per_pass or default_rows_per_pass(pixel_values.device)
+    if rows_per_pass is None:
+        rows_per_pass = default_rows_per_pass(pixel_values.device)
     weight = encoder.patch_embed.proj.weight
     # Pixels that require grad keep every hidden state in the graph, even with frozen weights.
     pixels = pixel_values.detach().to(weight.device, weight.dtype).requires_grad_(True)
@@ -446,8 +447,8 @@ def analyze_model(
 ) -> ModelFocus:
     from tqdm.auto import tqdm
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1 or (rows_per_pass is not None and rows_per_pass < 1):
+        raise ValueError(f"batch_size and rows_per_pass must be >= 1, got {batch_size} and {rows_per_pass}")
     model, config = focus.model.to(device, dtype).eval(), focus.model.config
     layer_list = resolve_layers(layers, config.depth, focus.name)
     pixels = focus.processor([img.image for img in images], return_tensors="pt")["pixel_values"].to(device, dtype)

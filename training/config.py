@@ -31,10 +31,10 @@ class ModelConfig:
     (embed_dim, depth, decay, rope, ...). img_size / in_chans / num_labels come from the data."""
 
     preset: str = "defocus_mamba_tiny"
-    patch_size: int = 16
+    patch_size: int = 16  # patch side in pixels
     aux_loss: str = "pooled"  # "pooled" (paper) | "token" (official code) | "none"
-    overrides: dict = field(default_factory=dict)
-    gradient_checkpointing: bool = False
+    overrides: dict = field(default_factory=dict)  # preset fields to change (embed_dim, depth, decay, rope, ...)
+    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30 % slower)
     init_from: str | None = None  # an HF directory to start from (fine-tuning)
 
 
@@ -45,38 +45,36 @@ class DataConfig:
     or "auto" (decided from what ``path`` contains)."""
 
     source: str = "auto"
-    path: str = FASHION_MNIST_DIR
-    train_split: str = "train"
-    val_split: str = "val"
-    image_column: str = "image"
-    label_column: str = "label"
-    img_size: int = 224
-    in_chans: int = 3
-    crop_pct: float = 0.875
-    mean: list | None = None
-    std: list | None = None
-    interpolation: str = "bicubic"
-    num_workers: int = 0
+    path: str = FASHION_MNIST_DIR  # dataset location (see source)
+    train_split: str = "train"  # split / folder name used for training
+    val_split: str = "val"  # split / folder name used for validation
+    image_column: str = "image"  # image column of a datasets dataset
+    label_column: str = "label"  # label column of a datasets dataset
+    img_size: int = 224  # training / evaluation resolution
+    in_chans: int = 3  # 1 (grey) or 3 (RGB); images are converted to this
+    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
+    mean: list | None = None  # normalisation mean per channel (null: ImageNet's, or 0.5 for grey)
+    std: list | None = None  # normalisation std per channel (null: ImageNet's, or 0.5 for grey)
+    interpolation: str = "bicubic"  # resize filter (bicubic, bilinear, ...)
+    num_workers: int = 0  # DataLoader worker processes
     on_corrupt: str = "skip"  # "skip" (replace with the next image, count it) | "fail"
     verify: int = 64  # images decoded per split before training (-1 = all, 0 = none)
     limit_train: int = 0  # use only the first N training samples (0 = all): tiny/debug runs
-    limit_val: int = 0
-
-
+    limit_val: int = 0  # use only the first N validation samples (0 = all)
 @dataclass
 class AugmentConfig:
     """DeiT / paper recipe; all from timm. mixup/cutmix are the Beta alphas (0 = off)."""
 
-    scale: list = field(default_factory=lambda: [0.08, 1.0])
-    hflip: float = 0.5
-    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.4
-    random_erasing: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
+    scale: list = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.5  # horizontal flip probability
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (null = off)
+    color_jitter: float = 0.4  # colour jitter strength (0 = off)
+    random_erasing: float = 0.25  # random erasing probability
+    mixup: float = 0.8  # mixup Beta alpha (0 = off)
+    cutmix: float = 1.0  # cutmix Beta alpha (0 = off)
+    mixup_prob: float = 1.0  # probability of applying mixup or cutmix to a batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    label_smoothing: float = 0.1  # label smoothing of the (mixed) targets
     repeated_aug: int = 3  # repeats per sample (timm RepeatAugSampler); 0 or 1 = off
 
 
@@ -84,49 +82,47 @@ class AugmentConfig:
 class OptimConfig:
     """AdamW; the LR is ``lr * global_batch / lr_batch_ref``; warm-up then cosine, per iteration."""
 
-    lr: float = 5e-4
-    lr_batch_ref: int = 512
-    scale_lr: bool = True
-    weight_decay: float = 0.05
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_epochs: float = 20.0
-    warmup_lr: float = 5e-7
-    min_lr: float = 5e-6
-    clip_grad: float = 10.0
-    no_decay_names: list = field(
+    lr: float = 5e-4  # base learning rate (per lr_batch_ref images when scale_lr)
+    lr_batch_ref: int = 512  # reference global batch of the LR scaling rule
+    scale_lr: bool = True  # peak LR = lr * global batch / lr_batch_ref
+    weight_decay: float = 0.05  # AdamW weight decay (not on 1-D tensors, biases or no_decay_names)
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW eps
+    warmup_epochs: float = 20.0  # linear warm-up length in epochs (fractions allowed), then cosine per step
+    warmup_lr: float = 5e-7  # LR at the first warm-up step
+    min_lr: float = 5e-6  # LR at the end of the cosine
+    clip_grad: float = 10.0  # gradient-norm clipping (0 = off)
+    no_decay_names: list = field(  # parameter-name substrings kept out of weight decay
         default_factory=lambda: ["A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed"]
     )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 300
+    epochs: int = 300  # passes over the training data (with max_steps, whichever ends first)
     batch_size: int = 512  # global: micro_batch_size * world_size * gradient accumulation
     micro_batch_size: int = 0  # per process; 0 = batch_size / world_size (no accumulation)
     max_steps: int = 0  # stop after N optimiser steps (0 = epochs decide): fixed-budget runs
     stop_after: int = 0  # checkpoint and exit after global step N, schedule unchanged (time-sliced jobs)
-    drop_path_min: float = 0.1
-    drop_path_max: float = 0.7
+    drop_path_min: float = 0.1  # drop-path rate of the first epoch
+    drop_path_max: float = 0.7  # drop-path rate of the last epoch (the paper's rising schedule)
     drop_path_schedule: str = "linear"  # "linear" (rising per epoch, the paper) | "constant" (= max)
     ema_decay: float = 0.9999  # 0 = no EMA
-    seed: int = 0
+    seed: int = 0  # seed of the model init, the data order and every step's augmentation
     deepspeed: str = "zero2"  # a name in configs/deepspeed/ or a path to a JSON file
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     cpu_threads: int = 0  # torch intra-op threads (0 = torch's default); 1 is fastest on a busy CPU
     checkpoint_every: int = 0  # optimiser steps between checkpoints (0 = only at epoch ends)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # checkpoints kept on disk (oldest removed)
     eval_every: int = 1  # epochs between validation passes (0 = only at the end)
-    eval_batch_size: int = 256
-    log_every: int = 10
-    output_dir: str = "runs/classification"
-    tensorboard: bool = True
-    progress: bool = True
-
-
+    eval_batch_size: int = 256  # batch size of the validation passes
+    log_every: int = 10  # steps between log lines when the progress bar is off
+    output_dir: str = "runs/classification"  # run directory: config, checkpoints, logs, metrics, exported model
+    tensorboard: bool = True  # write TensorBoard scalars under output_dir/tensorboard
+    progress: bool = True  # show a progress bar (loss, LR, throughput, ETA)
 @dataclass
 class ClassificationRunConfig:
-    stage: str = "classification"
+    stage: str = "classification"  # the stage this file configures (checked against the command)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
