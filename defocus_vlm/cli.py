@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kernels": ("kernels", "show which kernel backend each op uses here, and why"),
     "convert-official": ("convert_official", "convert an official De-focus Mamba checkpoint to an HF directory"),
     "bench": ("bench", "benchmarks with JSON output (kernels, encoders)"),
-    "demo": ("demo", "run the main job end to end on bundled data"),
+    "demo": ("demo", "run the main job end to end: three stages, evaluations, a picture, a table"),
     "train": ("train", "train a model: defocus-vlm train classification --config FILE [key=value ...]"),
     "eval": ("evaluate", "evaluate a model: defocus-vlm eval classification --model DIR --data PATH"),
     "classify": ("classify", "classify images with an exported model"),

@@ -1,0 +1,142 @@
+"""The main job end to end, as the CLI commands a user would type (``defocus-vlm demo``).
+
+Stage 1 trains a De-focus ViT classifier on Fashion-MNIST; stage 2 aligns a De-focus image tower
+with a small text tower on Fashion-MNIST captions (CLIP); stage 3 instruction-tunes a VLM (De-focus
+encoder + small Llama) on easy-VQA. Then each is evaluated (classification top-1, zero-shot top-1,
+easy-VQA exact match), an over-focus picture is drawn, and a final table is printed and written.
+
+Every step is a ``defocus-vlm`` command line, printed before it runs, so any step can be re-run by
+hand. A step whose outputs exist is reused unless ``force``; the table records each step's time.
+On a GPU the configs switch to CUDA + bf16 by themselves (``train.precision: auto``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from defocus_vlm.training.config import FASHION_MNIST_DIR
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]  # the defocus-vlm command line
+    output: str  # a file the step writes last: its presence means the step is done
+
+
+def demo_steps(out: Path, fast: bool = False) -> list[Step]:
+    """The pipeline. ``fast``: a few steps per stage (the test suite's smoke run), not the real budget."""
+    s1, s2, s3, data, ev = out / "stage1", out / "stage2", out / "stage3", out / "data" / "easy_vqa", out / "eval"
+    tiny = ["train.max_steps=2", "data.limit_val=64"] if fast else []
+    tiny_clip = ["train.max_steps=2", "data.limit_val=64"] if fast else []
+    tiny_vqa = ["train.max_steps=2", "data.limit_eval=8"] if fast else []
+    limit = ["--limit", "64"] if fast else []
+    return [
+        Step("stage 1: classification (Fashion-MNIST)",
+             ["train", "classification", "--config", "fashion_defocus_vit", *DEMO_STAGE1, *tiny,
+              f"train.output_dir={s1}"], str(s1 / "metrics.json")),
+        Step("eval: classification top-1",
+             ["eval", "classification", "--model", str(s1 / "model"), "--data", FASHION_MNIST_DIR, *limit,
+              "--output", str(ev / "classification.json")], str(ev / "classification.json")),
+        Step("stage 2: CLIP alignment (Fashion-MNIST captions)",
+             ["train", "clip", "--config", "fashion_cpu", *DEMO_STAGE2, *tiny_clip, f"train.output_dir={s2}"],
+             str(s2 / "metrics.json")),
+        Step("eval: zero-shot top-1",
+             ["eval", "zeroshot", "--model", str(s2 / "model"), "--data", FASHION_MNIST_DIR,
+              "--classnames", "fashion-mnist", *limit, "--output", str(ev / "zeroshot.json")],
+             str(ev / "zeroshot.json")),
+        Step("data: easy-VQA as LLaVA JSON",
+             ["data", "easy-vqa", "--group-by-image", "--out", str(data)], str(data / "test.json")),
+        Step("stage 3: instruction tuning (easy-VQA)",
+             ["train", "instruct", "--config", "easy_vqa_cpu", *DEMO_STAGE3, *tiny_vqa,
+              f"data.train_json={data / 'train.json'}", f"data.eval_json={data / 'test.json'}",
+              f"train.output_dir={s3}"], str(s3 / "metrics.json")),
+        Step("eval: easy-VQA exact match",
+             ["eval", "vqa", "--model", str(s3 / "model"), "--benchmark", "easy-vqa", *DEMO_VQA_EVAL, *limit,
+              "--output-dir", str(ev / "easy_vqa")], str(ev / "easy_vqa" / "metrics.json")),
+        Step("over-focus picture (stage-1 model)",
+             ["analyze", "--model", str(s1 / "model"), "--image", "fashion-mnist:0", "--image", "fashion-mnist:1",
+              "--out", str(out / "focus")], str(out / "focus" / "metrics.json")),
+    ]
+
+
+# The real budget of each stage (over the packaged configs), chosen so the whole demo fits in
+# 15 minutes on 2 CPU cores; README "make demo" gives the measured times.
+DEMO_STAGE1 = ["train.epochs=2", "optim.warmup_epochs=0.2"]
+DEMO_STAGE2: list[str] = []
+DEMO_STAGE3: list[str] = []
+DEMO_VQA_EVAL = ["--limit", "1000", "--max-new-tokens", "4", "--batch-size", "64"]
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def results_table(out: Path, times: dict[str, float]) -> list[dict]:
+    """Rows of the final table, read back from what the steps wrote."""
+    ev = out / "eval"
+    cls, zs = _read(ev / "classification.json"), _read(ev / "zeroshot.json")
+    vqa = _read(ev / "easy_vqa" / "metrics.json")
+    top1 = (cls.get("ema") or cls.get("model") or {}).get("top1")
+    rows = [
+        {"stage": "1 classification", "model": str(out / "stage1" / "model"), "metric": "Fashion-MNIST top-1 (%)",
+         "value": top1},
+        {"stage": "2 CLIP", "model": str(out / "stage2" / "model"), "metric": "Fashion-MNIST zero-shot top-1 (%)",
+         "value": zs.get("top1")},
+        {"stage": "3 VLM", "model": str(out / "stage3" / "model"), "metric": "easy-VQA exact match (%)",
+         "value": vqa.get("accuracy")},
+    ]
+    for row, key in zip(rows, ("stage 1", "stage 2", "stage 3")):
+        row["train_s"] = next((round(v, 1) for k, v in times.items() if k.startswith(key)), None)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| stage | metric | value | training time (s) | model |", "|---|---|---|---|---|"]
+    for r in rows:
+        value = "n/a" if r["value"] is None else f"{r['value']:.2f}"
+        lines.append(f"| {r['stage']} | {r['metric']} | {value} | {r['train_s']} | `{r['model']}` |")
+    return "\n".join(lines)
+
+
+def run_demo(out: str | Path = "runs/demo", force: bool = False, fast: bool = False,
+             run_command: Callable[[list[str]], int] | None = None) -> dict:
+    """Run (or reuse) every step, then print and write the final table (``out/results.{md,json}``)."""
+    from defocus_vlm.cli import main as cli_main
+
+    run_command = run_command or cli_main
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "demo_state.json"
+    times: dict[str, float] = _read(state_file).get("times", {}) if not force else {}
+    start = time.time()
+    steps = demo_steps(out, fast)
+    for i, step in enumerate(steps, 1):
+        command = "defocus-vlm " + " ".join(step.argv)
+        if Path(step.output).is_file() and not force:
+            print(f"\n[{i}/{len(steps)}] {step.name}: done before, reused ({step.output})", flush=True)
+            continue
+        print(f"\n[{i}/{len(steps)}] {step.name}\n$ {command}", flush=True)
+        t0 = time.time()
+        code = run_command(step.argv)
+        if code:
+            raise RuntimeError(f"demo step {step.name!r} failed (exit {code}); command: {command}")
+        if not Path(step.output).is_file():
+            raise RuntimeError(f"demo step {step.name!r} did not write {step.output}")
+        times[step.name] = time.time() - t0
+        state_file.write_text(json.dumps({"times": times}, indent=2) + "\n")
+    rows = results_table(out, times)
+    table = format_table(rows)
+    total = time.time() - start
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"rows": rows, "step_seconds": times, "this_run_s": round(total, 1)},
+                                                 indent=2) + "\n")
+    print(f"\n{table}\n\nthis run: {total / 60:.1f} min; step times: "
+          + ", ".join(f"{k.split(':')[0]} {v:.0f}s" for k, v in times.items()))
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}; over-focus figures: {out / 'focus'}")
+    print(f"models: AutoModelForImageClassification <- {out / 'stage1' / 'model'}, "
+          f"AutoModelForImageTextToText <- {out / 'stage3' / 'model'}")
+    return {"rows": rows, "times": times, "seconds": total}
