@@ -108,6 +108,11 @@ BACKENDS = {
 }
 
 
+# Largest (B x H x L x L) score tensor the automatic rule lets the parallel form build (64M floats,
+# 256 MB in fp32); longer inputs go chunkwise, whose memory is linear in L.
+PARALLEL_MAX_SCORES = 64 * 2**20
+
+
 def _auto_for(q: torch.Tensor):
     def choose() -> str:
         if q.is_cuda:
@@ -115,7 +120,10 @@ def _auto_for(q: torch.Tensor):
 
             if importable("fla.ops.simple_gla"):
                 return "fla"
-        return "chunkwise"
+        batch, heads, length, _ = q.shape
+        # on CPU one product is faster than the chunk loop while the scores stay small (measured:
+        # benchmarks/README.md); beyond that chunkwise bounds the memory
+        return "parallel" if batch * heads * length * length <= PARALLEL_MAX_SCORES else "chunkwise"
 
     return choose
 

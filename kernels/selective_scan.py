@@ -128,7 +128,7 @@ def _triton(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CUDA (or the 
 BACKENDS = {"reference": _reference, "chunked": _chunked, "mamba_ssm": _mamba_ssm, "triton": _triton}
 
 
-def _auto_for(u: torch.Tensor):
+def _auto_for(u: torch.Tensor, needs_grad: bool):
     def choose() -> str:
         if u.is_cuda:
             from .registry import importable
@@ -137,7 +137,10 @@ def _auto_for(u: torch.Tensor):
                 return "mamba_ssm"
             if importable("triton"):
                 return "triton"
-        return "chunked"  # never triton on CPU: there it only runs in the (slow) interpreter
+        # CPU (never triton: there it only runs in the slow interpreter). Without autograd the
+        # token-by-token recurrence touches each state once and is the fastest exact form (~3x the
+        # chunked scan, benchmarks/README.md); with autograd its per-step graph is far slower.
+        return "chunked" if needs_grad else "reference"
 
     return choose
 
@@ -162,7 +165,10 @@ def selective_scan(
     expected = (u.shape[0], A.shape[1], u.shape[2])
     if tuple(B.shape) != expected or tuple(C.shape) != expected:
         raise ValueError(f"B and C must be {expected}, got {tuple(B.shape)} and {tuple(C.shape)}")
-    name = resolve("selective_scan", backend, BACKENDS, _auto_for(u))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, initial_state)
+    )
+    name = resolve("selective_scan", backend, BACKENDS, _auto_for(u, needs_grad))
     y, last = BACKENDS[name](u, delta, A, B, C, D, z, initial_state, max_chunk)
     y = y.to(u.dtype)
     return (y, last) if return_last_state else y

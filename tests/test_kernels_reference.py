@@ -19,7 +19,7 @@ from defocus_vlm.kernels import (
     selective_scan,
 )
 from defocus_vlm.kernels.attention import decay_bias
-from defocus_vlm.kernels.dispatch import ENV_VAR, resolve
+from defocus_vlm.kernels.dispatch import ENV_VAR, LAST_CHOICE, resolve
 
 F64 = torch.float64
 # float64 parity: the backends re-associate sums (chunking, cumsum rescaling), nothing more.
@@ -409,7 +409,7 @@ def _call_all():
 @pytest.mark.parametrize(
     "env, expected",
     [
-        (None, dict(attention="sdpa", retention="chunkwise", selective_scan="chunked",
+        (None, dict(attention="sdpa", retention="parallel", selective_scan="reference",
                     causal_conv1d="torch")),
         ("reference", dict(attention="reference", retention="reference", selective_scan="reference",
                            causal_conv1d="reference")),
@@ -426,6 +426,23 @@ def test_env_var_selects_backend(monkeypatch, env, expected):
         _spy(monkeypatch, module, calls[op])
     _call_all()
     assert {op: c for op, c in calls.items()} == {op: [name] for op, name in expected.items()}
+
+
+def test_cpu_auto_rules():
+    """CPU: the recurrence without autograd, the chunked scan with it; the parallel retention while
+    its score tensor is small, chunkwise beyond."""
+    s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
+    assert SCAN._auto_for(s["u"], needs_grad=False)() == "reference"
+    assert SCAN._auto_for(s["u"], needs_grad=True)() == "chunked"
+    short, long = torch.zeros(1, 2, 16, 4), torch.zeros(64, 16, 512, 1)
+    assert RET._auto_for(short)() == "parallel"
+    assert 64 * 16 * 512 * 512 > RET.PARALLEL_MAX_SCORES and RET._auto_for(long)() == "chunkwise"
+    s = {k: (v.requires_grad_() if k == "u" else v) for k, v in s.items()}
+    selective_scan(**s)
+    assert LAST_CHOICE["selective_scan"][0] == "chunked"
+    with torch.no_grad():
+        selective_scan(**s)
+    assert LAST_CHOICE["selective_scan"][0] == "reference"
 
 
 def test_explicit_backend_beats_env_var(monkeypatch):

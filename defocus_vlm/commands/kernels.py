@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def probe(device: str, dtype: str) -> dict:
-    """Call every op once on tiny inputs and report the backend the dispatcher picked."""
+    """Call every op on tiny inputs, without and with autograd (the automatic rule may differ:
+    inference vs training), and report the backend the dispatcher picked each time."""
     import torch
 
     from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
@@ -25,17 +26,23 @@ def probe(device: str, dtype: str) -> dict:
     dt = getattr(torch, dtype)
     r = lambda *s: torch.randn(*s, device=device, dtype=dt)  # noqa: E731
     lam = -torch.rand(2, device=device)
-    with torch.no_grad():
-        defocus_attention(r(1, 2, 8, 16), r(1, 2, 8, 16), r(1, 2, 8, 16), lam)
-        retention(r(1, 2, 8, 16), r(1, 2, 8, 16), r(1, 2, 8, 16), lam)
-        selective_scan(r(1, 4, 8), r(1, 4, 8).abs(), -torch.rand(4, 2, device=device), r(1, 2, 8), r(1, 2, 8))
-        causal_conv1d(r(1, 4, 8), r(4, 4))
+
+    def call_all(grad: bool) -> dict:
+        with torch.set_grad_enabled(grad):
+            q = r(1, 2, 8, 16).requires_grad_(grad)
+            defocus_attention(q, r(1, 2, 8, 16), r(1, 2, 8, 16), lam)
+            retention(q, r(1, 2, 8, 16), r(1, 2, 8, 16), lam)
+            u = r(1, 4, 8).requires_grad_(grad)
+            selective_scan(u, r(1, 4, 8).abs(), -torch.rand(4, 2, device=device), r(1, 2, 8), r(1, 2, 8))
+            causal_conv1d(u, r(4, 4))
+        return {op: {"backend": b, "chosen_by": how} for op, (b, how) in LAST_CHOICE.items()}
+
     packages = {name: importable(mod) for name, mod in {
         "mamba-ssm": "mamba_ssm.ops.selective_scan_interface", "causal-conv1d": "causal_conv1d",
         "fla-core": "fla.ops.simple_gla", "triton": "triton", "flex_attention": "torch.nn.attention.flex_attention",
     }.items()}
-    ops = {op: {"backend": b, "chosen_by": how} for op, (b, how) in LAST_CHOICE.items()}
-    return {"device": device, "dtype": dtype, "ops": ops, "packages": packages,
+    ops, training = call_all(False), call_all(True)
+    return {"device": device, "dtype": dtype, "ops": ops, "ops_training": training, "packages": packages,
             "note": "GPU backends (flex, fla, triton, mamba_ssm, causal_conv1d) are chosen only on CUDA"}
 
 
@@ -50,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"device: {device}, dtype: {args.dtype}")
-    for op, choice in info["ops"].items():
-        print(f"  {op:<15} -> {choice['backend']:<10} ({choice['chosen_by']})")
+    for title, key in (("inference (no autograd)", "ops"), ("training (autograd)", "ops_training")):
+        print(f"{title}:")
+        for op, choice in info[key].items():
+            print(f"  {op:<15} -> {choice['backend']:<10} ({choice['chosen_by']})")
     print("optional packages: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["packages"].items()))
     print(info["note"])
     return 0
