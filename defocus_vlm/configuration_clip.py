@@ -46,7 +46,7 @@ class DefocusCLIPConfig(PretrainedConfig):
         causal text models, mean otherwise; resolved when the config is built).
     loss_type: "clip" (InfoNCE) or "siglip" (pairwise sigmoid with a learnable bias); it chooses the
         initial ``logit_scale`` (log of 1/0.07, or log 10) and ``logit_bias`` (none, or -10) unless
-        those are given.
+        those are given. ``logit_bias_init_value`` None means no bias parameter (clip).
     logit_scale_max: the exponentiated scale is clamped to this (open_clip uses 100).
     """
 

@@ -63,46 +63,44 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, pos
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, collate, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                       batch_size: int = 256, num_workers: int = 0, ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Retrieval recall on a :class:`~defocus_vlm.training.pairs.PairDataset` (``collate`` tokenizes)."""
-    source = dataset.source
-    keys = [source.where(i) for i in range(len(dataset))]
+def evaluate_retrieval(model, dataset, tokenizer, max_length: int, device: torch.device | str = "cpu",
+                       dtype: torch.dtype | None = None, batch_size: int = 256, num_workers: int = 0,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Retrieval recall on a :class:`~defocus_vlm.training.pairs.PairDataset`; each distinct caption is
+    encoded once (truncated to ``max_length`` tokens)."""
+    keys = [dataset.source.where(i) for i in range(len(dataset))]
     was_training = model.training
     model.eval()
     try:
-        image_feats, text_feats, seen = [], {}, []
+        image_feats, text_feats, captions = [], {}, []
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                             collate_fn=_keep_captions(collate))
-        for batch, batch_captions in loader:
-            x = batch["pixel_values"].to(device, dtype) if dtype is not None else batch["pixel_values"].to(device)
+                                             collate_fn=_pixels_and_captions)
+        for pixels, batch_captions in loader:
+            x = pixels.to(device, dtype) if dtype is not None else pixels.to(device)
             image_feats.append(F.normalize(model.get_image_features(pixel_values=x).pooler_output.float(), dim=-1))
             new = [c for c in dict.fromkeys(batch_captions) if c not in text_feats]
             if new:
-                text = collate.tokenizer(new, padding=True, truncation=True, max_length=collate.max_length,
-                                         return_tensors="pt")
+                text = tokenizer(new, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
                 out = model.get_text_features(input_ids=text["input_ids"].to(device),
                                               attention_mask=text["attention_mask"].to(device))
                 text_feats.update(zip(new, F.normalize(out.pooler_output.float(), dim=-1).cpu()))
-            seen.extend(batch_captions)
+            captions.extend(batch_captions)
     finally:
         model.train(was_training)
-    first_pair, texts, positives = group_pairs(keys, seen)
+    first_pair, texts, positives = group_pairs(keys, captions)
     images = torch.cat(image_feats).cpu()[first_pair]
     return retrieval_metrics(images, torch.stack([text_feats[t] for t in texts]), positives, ks)
 
 
-def _keep_captions(collate):
-    def fn(items):
-        return collate(items), [item[1] for item in items]
-
-    return fn
+def _pixels_and_captions(items: list) -> tuple[torch.Tensor, list[str]]:
+    pixels, captions, _ = zip(*items)
+    return torch.stack(pixels), list(captions)
 
 
 def run_retrieval_eval(model_dir: str | Path, data: str, source: str = "auto", split: str = "test",
                        batch_size: int = 256, num_workers: int = 0, image_column: str = "image",
                        caption_column: str = "caption", limit: int = 0) -> dict:
-    from defocus_vlm.training.pairs import PairCollator, PairDataset, open_pairs
+    from defocus_vlm.training.pairs import PairDataset, open_pairs
     from transformers import AutoProcessor
 
     from defocus_vlm.modeling_clip import load_clip
@@ -117,8 +115,9 @@ def run_retrieval_eval(model_dir: str | Path, data: str, source: str = "auto", s
         return processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
 
     dataset = PairDataset(pairs, transform, on_corrupt="fail", limit=limit)  # a skipped image would shift the pairs
-    collate = PairCollator(processor.tokenizer, processor.tokenizer.model_max_length)
-    result = evaluate_retrieval(model, dataset, collate, batch_size=batch_size, num_workers=num_workers)
+    tokenizer = processor.tokenizer
+    result = evaluate_retrieval(model, dataset, tokenizer, tokenizer.model_max_length, batch_size=batch_size,
+                                num_workers=num_workers)
     return {"model_dir": str(model_dir), "data": str(data), "split": split, **result}
 
 

@@ -83,15 +83,13 @@ def text_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequ
 
 @torch.no_grad()
 def image_embeddings(model, loader, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """Normalised image embeddings and the second item of every batch (labels or captions)."""
-    feats, seconds = [], []
+    """Normalised image embeddings (N, D) and labels (N,) of a loader of ``(pixels, label, ...)`` batches."""
+    feats, labels = [], []
     for batch in loader:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch["pixel_values"]
-        x = x.to(device, dtype) if dtype is not None else x.to(device)
+        x = batch[0].to(device, dtype) if dtype is not None else batch[0].to(device)
         feats.append(F.normalize(model.get_image_features(pixel_values=x).pooler_output.float(), dim=-1).cpu())
-        if isinstance(batch, (list, tuple)):
-            seconds.append(batch[1])
-    return torch.cat(feats), seconds
+        labels.append(torch.as_tensor(batch[1]))
+    return torch.cat(feats), torch.cat(labels)
 
 
 def evaluate_zeroshot(model, tokenizer, dataset, classnames: Sequence[str], templates: Sequence[str],
@@ -106,7 +104,6 @@ def evaluate_zeroshot(model, tokenizer, dataset, classnames: Sequence[str], temp
         images, labels = image_embeddings(model, loader, device, dtype)
     finally:
         model.train(was_training)
-    labels = torch.cat([torch.as_tensor(y) for y in labels])
     correct = topk_correct(images @ classifier.T, labels, ks)
     return summarize(correct, len(labels))
 

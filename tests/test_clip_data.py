@@ -129,9 +129,12 @@ def test_easy_vqa_phrases_from_questions():
 
 def test_easy_vqa_test_split_and_collator():
     pairs = open_pairs("auto", "easy-vqa", "test", sample_templates=False)
-    assert 950 <= len(pairs) <= 1000
+    assert 850 <= len(pairs) <= 1000
+    assert len({phrase for _, phrase in pairs.source.items}) == 24  # evaluation: 8 colours x 3 shapes, all named
     image, caption = pairs.load(0)
     assert image.size == (64, 64) and caption.startswith("a ") and caption.endswith(".")
+    train = open_pairs("easy_vqa", "easy_vqa", "train")
+    assert len(train) > 3900 and "circle" in {phrase for _, phrase in train.source.items}  # partial captions too
     collate = PairCollator(byte_level_tokenizer(), max_length=6)
     batch = collate([(torch.zeros(1, 4, 4), "a red circle.", 0), (torch.ones(1, 4, 4), "a", 1)])
     assert batch["pixel_values"].shape == (2, 1, 4, 4) and batch["skipped"] == 1

@@ -40,12 +40,12 @@ class VisionTowerConfig:
     """A preset (``defocus-vlm presets``) with ``overrides`` (img_size / in_chans come from the
     data), or ``init_from``: a stage-1 export (classifier or ``DefocusVisionModel`` directory)."""
 
-    preset: str = "defocus_vit_tiny"
-    patch_size: int = 16
-    overrides: dict = field(default_factory=dict)
-    init_from: str | None = None
+    preset: str = "defocus_vit_tiny"  # image tower architecture (ignored with init_from)
+    patch_size: int = 16  # patch side in pixels
+    overrides: dict = field(default_factory=dict)  # preset fields to change (embed_dim, depth, decay, rope, ...)
+    init_from: str | None = None  # a stage-1 export to start from (its class token is pooled)
     lock: bool = False  # freeze the tower (its projection still trains)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, slower)
 
 
 @dataclass
@@ -55,20 +55,20 @@ class TextTowerConfig:
     ``model_type`` (e.g. a small ``llama``) for a tower trained from scratch, its vocabulary sized
     from ``tokenizer`` ("byte": the built-in byte-level tokenizer, or a tokenizer directory)."""
 
-    pretrained: str | None = None
-    gguf_file: str | None = None
-    config: dict = field(default_factory=dict)
-    tokenizer: str | None = None  # None = the pretrained model's own
-    pooling: str = "auto"  # auto | last | mean | first (see DefocusCLIPConfig)
-    max_length: int = 32
-    lock: bool = False
-    gradient_checkpointing: bool = False
+    pretrained: str | None = None  # a Hugging Face text model (MiniLM, SmolLM2, ...) to start from
+    gguf_file: str | None = None  # GGUF file name inside ``pretrained`` (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)
+    config: dict = field(default_factory=dict)  # from scratch: model_type and sizes (vocab/pad ids: tokenizer)
+    tokenizer: str | None = None  # "byte" or a tokenizer directory (null: the pretrained model's own)
+    pooling: str = "auto"  # auto | last | mean | first (auto: last for causal LMs, mean for encoders)
+    max_length: int = 32  # captions and prompts are truncated to this many tokens
+    lock: bool = False  # freeze the tower (its projection still trains)
+    gradient_checkpointing: bool = False  # recompute layer activations in backward (if the model supports it)
 
 
 @dataclass
 class ClipHeadConfig:
-    projection_dim: int = 256
-    loss: str = "clip"  # "clip" (InfoNCE) | "siglip"
+    projection_dim: int = 256  # width of the shared image-text embedding
+    loss: str = "clip"  # "clip" (InfoNCE) | "siglip" (pairwise sigmoid with a learnable bias)
     logit_scale_init: float | None = None  # default: log(1/0.07) (clip) or log(10) (siglip)
     logit_bias_init: float | None = None  # default: none (clip) or -10 (siglip)
 
@@ -80,40 +80,40 @@ class PairDataConfig:
     each: ``path`` trains and ``val_path`` (optional) validates."""
 
     source: str = "auto"
-    path: str = FASHION_MNIST_DIR
-    val_path: str | None = None
-    train_split: str = "train"
-    val_split: str = "val"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    templates: list | None = None  # caption templates of labelled sources ("a photo of a {}."); None = built-in
-    img_size: int = 224
-    in_chans: int = 3
-    crop_pct: float = 0.875
-    mean: list | None = None
-    std: list | None = None
-    interpolation: str = "bicubic"
-    num_workers: int = 0
-    on_corrupt: str = "skip"
-    verify: int = 64
-    limit_train: int = 0
-    limit_val: int = 0
+    path: str = FASHION_MNIST_DIR  # pairs location (see source; "easy_vqa" for the built-in set)
+    val_path: str | None = None  # file sources: the validation pairs (null: no validation)
+    train_split: str = "train"  # split used for training (built-in and datasets sources)
+    val_split: str = "val"  # split used for validation (built-in and datasets sources)
+    image_column: str = "image"  # image column / key of a table or datasets dataset
+    caption_column: str = "caption"  # caption column / key of a table or datasets dataset
+    templates: list | None = None  # caption templates of labelled sources ("a photo of a {}."); null = built-in
+    img_size: int = 224  # training / evaluation resolution
+    in_chans: int = 3  # 1 (grey) or 3 (RGB); images are converted to this
+    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
+    mean: list | None = None  # normalisation mean per channel (null: ImageNet's, or 0.5 for grey)
+    std: list | None = None  # normalisation std per channel (null: ImageNet's, or 0.5 for grey)
+    interpolation: str = "bicubic"  # resize filter (bicubic, bilinear, ...)
+    num_workers: int = 0  # DataLoader worker processes
+    on_corrupt: str = "skip"  # "skip" (replace with the next image, count it) | "fail"
+    verify: int = 64  # images decoded per split before training (-1 = all, 0 = none)
+    limit_train: int = 0  # use only the first N training pairs (0 = all): tiny/debug runs
+    limit_val: int = 0  # use only the first N validation images / pairs (0 = all)
 
 
 @dataclass
 class PairAugmentConfig:
     """Image augmentation (timm). Colour changes are off by default: captions may name colours."""
 
-    scale: list = field(default_factory=lambda: [0.9, 1.0])
-    hflip: float = 0.0
-    rand_augment: str | None = None
-    color_jitter: float = 0.0
-    random_erasing: float = 0.0
+    scale: list = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.0  # horizontal flip probability
+    rand_augment: str | None = None  # timm RandAugment spec (e.g. rand-m9-mstd0.5-inc1); null = off
+    color_jitter: float = 0.0  # colour jitter strength (0 = off)
+    random_erasing: float = 0.0  # random erasing probability
 
 
 @dataclass
 class ClipRunConfig:
-    stage: str = "clip"
+    stage: str = "clip"  # the stage this file configures (checked against the command)
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     model: ClipHeadConfig = field(default_factory=ClipHeadConfig)
@@ -367,8 +367,8 @@ class ClipTask(StageTask):
                                      self.num_workers())
         from defocus_vlm.eval.retrieval import evaluate_retrieval
 
-        return evaluate_retrieval(model, self.val_ds, self.collator, ctx.device, ctx.dtype, t.eval_batch_size,
-                                  self.num_workers())
+        return evaluate_retrieval(model, self.val_ds, self.tokenizer, self.cfg.text.max_length, ctx.device, ctx.dtype,
+                                  t.eval_batch_size, self.num_workers())
 
     def summary_line(self, metrics: dict) -> str:
         key = "top1" if self.zeroshot else "i2t_r1"

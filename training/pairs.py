@@ -93,9 +93,11 @@ class EasyVQASource:
     """easy-VQA images (64 px RGB, one coloured shape each) labelled with a phrase, "blue circle",
     read from the image's questions and answers: "what is the blue shape?" -> "rectangle" gives both
     words, "is there not a red shape?" -> "yes" rules red out. Where one attribute stays unknown the
-    phrase names the other alone ("circle", "blue shape"); images with neither are left out."""
+    phrase names the other alone ("circle", "blue shape") if ``partial`` (training), else the image is
+    left out (evaluation: every caption names one of the 24 colour-shape pairs); so are images with
+    neither."""
 
-    def __init__(self, split: str):
+    def __init__(self, split: str, partial: bool = True):
         try:
             import easy_vqa
         except ImportError as err:
@@ -107,7 +109,8 @@ class EasyVQASource:
         else:
             raise DataError(f"easy-VQA has the splits train and test, not {split!r}")
         phrases = easy_vqa_phrases(*questions)
-        self.items = [(paths[i], phrases[i]) for i in sorted(phrases) if i in paths]
+        self.items = [(paths[i], phrases[i]) for i in sorted(phrases)
+                      if i in paths and (partial or len(phrases[i].split()) == 2 and "shape" not in phrases[i])]
         if not self.items:
             raise DataError(f"easy-VQA {split}: no image could be captioned")
         self.classes = None
@@ -332,7 +335,7 @@ def open_pairs(
 
     File sources (csv, jsonl, webdataset) are one split each: ``split`` is ignored. Labelled
     sources (fashion_mnist, or "labelled": any image-folder / HF classification dataset) get
-    captions from ``templates`` and their class names."""
+    captions from ``templates`` and their class names; easy_vqa gets captions from its questions."""
     if source not in PAIR_SOURCES:
         raise DataError(f"unknown pair source {source!r}; expected one of {', '.join(PAIR_SOURCES)}")
     path = str(path)
@@ -342,8 +345,9 @@ def open_pairs(
         return TablePairs(path, image_column, caption_column)
     if source == "webdataset":
         return TarPairs(path)
-    if source == "easy_vqa":
-        return TemplatedPairs(EasyVQASource(split), templates or EASY_VQA_TEMPLATES, sample=sample_templates)
+    if source == "easy_vqa":  # partial captions ("a circle.") for training only
+        return TemplatedPairs(EasyVQASource(split, partial=split == "train"), templates or EASY_VQA_TEMPLATES,
+                              sample=sample_templates)
     if source == "fashion_mnist":
         labelled = open_source("fashion_mnist", path, split)
         names = FASHION_MNIST_NAMES if len(labelled.classes) == len(FASHION_MNIST_NAMES) else labelled.classes
