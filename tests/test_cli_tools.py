@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from defocus_vlm.cli import build_parser, main
 
 
@@ -55,3 +57,26 @@ def test_cuda_request_without_gpu_is_a_clear_error(capsys):
         return
     assert main(["bench", "kernels", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def _subcommand_paths(parser, prefix=()):
+    """Every command path of the CLI (``("eval", "vqa")`` ...), found from the argparse tree."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _subcommand_paths(sub, (*prefix, name))
+
+
+def test_every_command_has_working_help(capsys):
+    paths = list(_subcommand_paths(build_parser()))
+    assert {("eval", "vqa"), ("bench", "stream"), ("data", "easy-vqa"), ("train",)} <= set(paths)
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*path, "--help"])
+        assert exit_info.value.code == 0, path
+        text = capsys.readouterr().out
+        assert text.startswith("usage: defocus-vlm " + " ".join(path)), path
+        assert len(text.split("\n\n", 1)[-1].strip()) > 20, f"{path}: help has no description"
