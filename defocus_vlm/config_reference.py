@@ -92,7 +92,9 @@ def field_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted name, default, meaning) for every field, nested dataclasses flattened (the shared
     optimiser / training-loop sections are documented once, on their own)."""
     shared = {_load(path) for path in SHARED}
-    meanings = {**_docstring_entries(cls), **_trailing_comments(cls)}
+    meanings: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # inherited fields too
+        meanings |= {**_docstring_entries(klass), **_trailing_comments(klass)}
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     resolved = inspect.get_annotations(cls, eval_str=True) if hints else {}
     rows = []

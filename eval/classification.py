@@ -140,9 +140,8 @@ def write_json(results: dict, path: str | Path | None) -> str:
     return text
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="exported HF model directory")
-    parser.add_argument("--data", required=True, help="dataset path")
+def add_labelled_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of every evaluation over a labelled image dataset (classification, zero-shot)."""
     parser.add_argument("--split", default="val", help="split (default: val)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
@@ -151,6 +150,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
     parser.add_argument("--output", default=None, help="also write the JSON here")
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="exported HF model directory")
+    parser.add_argument("--data", required=True, help="dataset path")
+    add_labelled_data_arguments(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .classification import summarize, topk_correct, write_json
+from .classification import add_labelled_data_arguments, summarize, topk_correct, write_json
 
 # A few generic prompt templates for ImageNet-style photos (ensembled).
 IMAGENET_TEMPLATES = [
@@ -143,14 +143,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classnames", required=True,
                         help="fashion-mnist, imagenet, or a file with one class name per line (label order)")
     parser.add_argument("--templates", default=None, help="file with one prompt template per line ('a photo of a {}.')")
-    parser.add_argument("--split", default="val", help="split (default: val)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--source", default="auto", choices=["auto", "fashion_mnist", "imagefolder", "hf"])
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--label-column", default="label")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
-    parser.add_argument("--output", default=None, help="also write the JSON here")
+    add_labelled_data_arguments(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:

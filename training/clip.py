@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import FASHION_MNIST_DIR, ConfigError, OptimConfig, TrainConfig
+from .config import FASHION_MNIST_DIR, ConfigError, ImageDataConfig, OptimConfig, TrainConfig
 from .contrastive import LOSSES, contrastive_loss
 from .data import ClassificationDataset, verify_source
 from .loop import StageTask, StepContext, reduce_count, run_stage
@@ -74,7 +74,7 @@ class ClipHeadConfig:
 
 
 @dataclass
-class PairDataConfig:
+class PairDataConfig(ImageDataConfig):
     """source: auto | csv | jsonl | hf | webdataset | fashion_mnist | easy_vqa | labelled (an image
     folder / HF classification dataset captioned with ``templates``). File sources are one split
     each: ``path`` trains and ``val_path`` (optional) validates."""
@@ -87,17 +87,6 @@ class PairDataConfig:
     image_column: str = "image"  # image column / key of a table or datasets dataset
     caption_column: str = "caption"  # caption column / key of a table or datasets dataset
     templates: list | None = None  # caption templates of labelled sources ("a photo of a {}."); null = built-in
-    img_size: int = 224  # training / evaluation resolution
-    in_chans: int = 3  # 1 (grey) or 3 (RGB); images are converted to this
-    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
-    mean: list | None = None  # normalisation mean per channel (null: ImageNet's, or 0.5 for grey)
-    std: list | None = None  # normalisation std per channel (null: ImageNet's, or 0.5 for grey)
-    interpolation: str = "bicubic"  # resize filter (bicubic, bilinear, ...)
-    num_workers: int = 0  # DataLoader worker processes
-    on_corrupt: str = "skip"  # "skip" (replace with the next image, count it) | "fail"
-    verify: int = 64  # images decoded per split before training (-1 = all, 0 = none)
-    limit_train: int = 0  # use only the first N training pairs (0 = all): tiny/debug runs
-    limit_val: int = 0  # use only the first N validation images / pairs (0 = all)
 
 
 @dataclass

@@ -39,17 +39,9 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    """source: "fashion_mnist" (IDX files under ``path``), "imagefolder" (``path``/train/<class>/...),
-    "hf" (a ``save_to_disk`` directory or a dataset loadable by ``datasets.load_dataset(path)``)
-    or "auto" (decided from what ``path`` contains)."""
+class ImageDataConfig:
+    """Image decoding, preprocessing and limits shared by the data sections of every image stage."""
 
-    source: str = "auto"
-    path: str = FASHION_MNIST_DIR  # dataset location (see source)
-    train_split: str = "train"  # split / folder name used for training
-    val_split: str = "val"  # split / folder name used for validation
-    image_column: str = "image"  # image column of a datasets dataset
-    label_column: str = "label"  # label column of a datasets dataset
     img_size: int = 224  # training / evaluation resolution
     in_chans: int = 3  # 1 (grey) or 3 (RGB); images are converted to this
     crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
@@ -61,6 +53,20 @@ class DataConfig:
     verify: int = 64  # images decoded per split before training (-1 = all, 0 = none)
     limit_train: int = 0  # use only the first N training samples (0 = all): tiny/debug runs
     limit_val: int = 0  # use only the first N validation samples (0 = all)
+
+
+@dataclass
+class DataConfig(ImageDataConfig):
+    """source: "fashion_mnist" (IDX files under ``path``), "imagefolder" (``path``/train/<class>/...),
+    "hf" (a ``save_to_disk`` directory or a dataset loadable by ``datasets.load_dataset(path)``)
+    or "auto" (decided from what ``path`` contains)."""
+
+    source: str = "auto"
+    path: str = FASHION_MNIST_DIR  # dataset location (see source)
+    train_split: str = "train"  # split / folder name used for training
+    val_split: str = "val"  # split / folder name used for validation
+    image_column: str = "image"  # image column of a datasets dataset
+    label_column: str = "label"  # label column of a datasets dataset
 @dataclass
 class AugmentConfig:
     """DeiT / paper recipe; all from timm. mixup/cutmix are the Beta alphas (0 = off)."""
