@@ -49,7 +49,7 @@ def demo_steps(out: Path, fast: bool = False) -> list[Step]:
               "--classnames", "fashion-mnist", *limit, "--output", str(ev / "zeroshot.json")],
              str(ev / "zeroshot.json")),
         Step("data: easy-VQA as LLaVA JSON",
-             ["data", "easy-vqa", "--group-by-image", "--out", str(data)], str(data / "test.json")),
+             ["data", "easy-vqa", "--out", str(data)], str(data / "test.json")),
         Step("stage 3: instruction tuning (easy-VQA)",
              ["train", "instruct", "--config", "easy_vqa_cpu", *DEMO_STAGE3, *tiny_vqa,
               f"data.train_json={data / 'train.json'}", f"data.eval_json={data / 'test.json'}",

@@ -156,7 +156,8 @@ def test_triton_scan_dispatch_bf16_in_interpreter(interpreter_results):
 def test_triton_scan_registered_and_never_auto_on_cpu():
     assert "triton" in scan_mod.BACKENDS
     u = torch.zeros(1, 2, 3)
-    assert scan_mod._auto_for(u)() == "chunked"
+    assert scan_mod._auto_for(u, needs_grad=True)() == "chunked"
+    assert scan_mod._auto_for(u, needs_grad=False)() == "reference"
 
 
 def test_triton_scan_refuses_cpu_outside_interpreter(monkeypatch):
@@ -326,9 +327,10 @@ def test_fla_glue_inference_uses_g_gamma():
     assert _rel(out, ret_mod._parallel(q, q, q, ld.detach(), None, 64)[0]) <= 1e-5
 
 
-def test_fla_auto_rule_on_cpu_is_chunkwise():
+def test_fla_auto_rule_never_picks_fla_on_cpu():
     assert "fla" in ret_mod.BACKENDS
-    assert ret_mod._auto_for(torch.zeros(1, 1, 2, 4))() == "chunkwise"
+    assert ret_mod._auto_for(torch.zeros(1, 1, 2, 4))() == "parallel"
+    assert ret_mod._auto_for(torch.zeros(1, 1, 2**14, 4))() == "chunkwise"
 
 
 @pytest.mark.skipif(not (HAS_CUDA and _has("fla.ops.simple_gla")),
