@@ -108,8 +108,10 @@ BACKENDS = {
 }
 
 
-# Largest (B x H x L x L) score tensor the automatic rule lets the parallel form build (64M floats,
-# 256 MB in fp32); longer inputs go chunkwise, whose memory is linear in L.
+# The automatic rule's parallel form on CPU: short sequences (a 224 px image is 197 tokens) whose
+# (B x H x L x L) scores stay small. Measured (benchmarks/cpu_kernels.json): at L=197 the two forms are
+# within noise and the encoder forward is faster parallel; at L=1024 chunkwise is 6-9x faster.
+PARALLEL_MAX_LENGTH = 256
 PARALLEL_MAX_SCORES = 64 * 2**20
 
 
@@ -121,9 +123,8 @@ def _auto_for(q: torch.Tensor):
             if importable("fla.ops.simple_gla"):
                 return "fla"
         batch, heads, length, _ = q.shape
-        # on CPU one product is faster than the chunk loop while the scores stay small (measured:
-        # benchmarks/README.md); beyond that chunkwise bounds the memory
-        return "parallel" if batch * heads * length * length <= PARALLEL_MAX_SCORES else "chunkwise"
+        short = length <= PARALLEL_MAX_LENGTH and batch * heads * length * length <= PARALLEL_MAX_SCORES
+        return "parallel" if short else "chunkwise"
 
     return choose
 

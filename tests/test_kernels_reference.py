@@ -429,14 +429,15 @@ def test_env_var_selects_backend(monkeypatch, env, expected):
 
 
 def test_cpu_auto_rules():
-    """CPU: the recurrence without autograd, the chunked scan with it; the parallel retention while
-    its score tensor is small, chunkwise beyond."""
+    """CPU: the recurrence without autograd, the chunked scan with it; the parallel retention for short
+    inputs with a small score tensor, chunkwise otherwise."""
     s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
     assert SCAN._auto_for(s["u"], needs_grad=False)() == "reference"
     assert SCAN._auto_for(s["u"], needs_grad=True)() == "chunked"
-    short, long = torch.zeros(1, 2, 16, 4), torch.zeros(64, 16, 512, 1)
-    assert RET._auto_for(short)() == "parallel"
-    assert 64 * 16 * 512 * 512 > RET.PARALLEL_MAX_SCORES and RET._auto_for(long)() == "chunkwise"
+    assert RET._auto_for(torch.zeros(1, 2, 197, 4))() == "parallel"
+    assert RET._auto_for(torch.zeros(1, 2, 1024, 4))() == "chunkwise"  # long: chunkwise
+    assert 1024 * 16 * 256 * 256 > RET.PARALLEL_MAX_SCORES
+    assert RET._auto_for(torch.zeros(1024, 16, 256, 1))() == "chunkwise"  # short but many scores
     s = {k: (v.requires_grad_() if k == "u" else v) for k, v in s.items()}
     selective_scan(**s)
     assert LAST_CHOICE["selective_scan"][0] == "chunked"
