@@ -264,3 +264,16 @@ def test_sampler_shards_make_the_same_global_batches():
     ra = EpochSampler(48, 2, 0, seed=0, repeats=3)
     ra.set_epoch(0)
     assert len(list(ra)) == 24
+
+
+def test_a_partial_section_keeps_the_stage_defaults(tmp_path):
+    """A stage whose optim/train defaults differ from the shared classes (instruct: lr 2e-5, no EMA) keeps
+    them for every key its YAML does not set."""
+    from defocus_vlm.training.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("stage: instruct\nmodel: {llm: {config: {model_type: llama}, tokenizer: char}}\n"
+                    "data: {train_json: x.json}\noptim: {weight_decay: 0.1}\ntrain: {epochs: 2}\n")
+    cfg = load_config(path, stage="instruct")
+    assert cfg.optim.weight_decay == 0.1 and cfg.train.epochs == 2
+    assert cfg.optim.lr == 2e-5 and cfg.train.ema_decay == 0.0  # the stage's defaults, not OptimConfig's

@@ -220,7 +220,9 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}: expected {wanted}, got {type(value).__name__} {value!r}")
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
+def _build(cls: type, values: dict, prefix: str, base: Any = None) -> Any:
+    """``cls`` from ``values``; keys not given keep ``base``'s values (the field's own default, e.g. a
+    stage's ``default_factory`` optimiser settings, when ``base`` is None)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
@@ -237,12 +239,19 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             )
         hint_type = hints[key]
         if dataclasses.is_dataclass(hint_type):
-            kwargs[key] = _build(hint_type, value or {}, full + ".")
+            f = known[key]
+            if base is not None:
+                child = getattr(base, key)
+            elif f.default_factory is not dataclasses.MISSING:
+                child = f.default_factory()
+            else:
+                child = None
+            kwargs[key] = _build(hint_type, value or {}, full + ".", child)
         elif key == "overrides":
             kwargs[key] = dict(value or {})
         else:
             kwargs[key] = _check_value(full, value, hint_type)
-    return cls(**kwargs)
+    return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
