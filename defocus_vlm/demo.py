@@ -65,8 +65,8 @@ def demo_steps(out: Path, fast: bool = False) -> list[Step]:
 
 # The real budget of each stage (over the packaged configs), chosen so the whole demo fits in
 # 15 minutes on 2 CPU cores; README "make demo" gives the measured times.
-DEMO_STAGE1 = ["train.epochs=2", "optim.warmup_epochs=0.2"]
-DEMO_STAGE2: list[str] = []
+DEMO_STAGE1 = ["train.epochs=1", "optim.warmup_epochs=0.1"]
+DEMO_STAGE2 = ["train.epochs=1"]
 DEMO_STAGE3: list[str] = []
 DEMO_VQA_EVAL = ["--limit", "1000", "--max-new-tokens", "4", "--batch-size", "64"]
 

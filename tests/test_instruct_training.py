@@ -161,6 +161,20 @@ def test_tuning_modes_train_the_right_parts(toy_data, tmp_path, tune, vision_fro
     assert parts == trained
 
 
+def test_custom_chat_template_is_used_and_kept(toy_data, tmp_path):
+    from defocus_vlm.training.instruct import InstructTask
+
+    template = ("{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + '\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+    (tmp_path / "template.jinja").write_text(template)
+    task = InstructTask(tiny(toy_data, tmp_path, f"data.chat_template={tmp_path / 'template.jinja'}"))
+    ds = task.build_data()
+    task.build_model()
+    assert task.processor.chat_template == template  # exported with the model
+    text = task.processor.tokenizer.decode(ds[0]["input_ids"])
+    assert text.startswith("[user] <image>") and text.endswith("[assistant] red\n")
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.tune=everything", "model.tune"),
     ("model.llm.name=smollm2-135m-instruct", "exactly one of model.llm.name"),

@@ -69,3 +69,12 @@ def test_readme_cli_command_parses_and_its_config_loads(command):
     if args.command == "train":
         config_file, *more = args.config
         load_config(config_file, list(args.overrides) + more, stage=args.stage)
+
+
+def test_readme_config_reference_is_generated_from_the_code():
+    from defocus_vlm.config_reference import END, START, render, undocumented
+
+    assert undocumented() == [], "every config field needs a meaning (a trailing # comment or a docstring entry)"
+    text = README.read_text()
+    block = START + text.split(START, 1)[1].split(END, 1)[0] + END
+    assert block == render(), "README is stale: run `defocus-vlm config-reference --write README.md`"

@@ -46,9 +46,9 @@ class VisionTowerConfig:
     freeze: keep the encoder frozen in ``finetune``."""
 
     source: str = "defocus_mamba_tiny"
-    img_size: int = 224
-    patch_size: int = 16
-    overrides: dict = field(default_factory=dict)
+    img_size: int = 224  # input resolution of a preset tower
+    patch_size: int = 16  # patch side of a preset tower
+    overrides: dict = field(default_factory=dict)  # preset fields to change (embed_dim, depth, ...)
     freeze: bool = True
 
 
@@ -69,10 +69,10 @@ class LanguageModelConfig:
 class LoraSettings:
     """LoRA on the language model (peft); r = 0 trains it fully."""
 
-    r: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list = field(
+    r: int = 0  # LoRA rank (0 = train the language model fully)
+    alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: list = field(  # module names that get LoRA adapters
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
@@ -83,11 +83,11 @@ class InstructModelConfig:
     init_from: str | None = None  # an existing VLM directory (vision / llm / projector settings are then ignored)
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     llm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
-    projector_type: str = "mlp2x_gelu"
-    vision_feature_select: str = "all"
-    vision_feature_layer: int = -1
+    projector_type: str = "mlp2x_gelu"  # "mlp2x_gelu" (LLaVA-1.5) or "linear"
+    vision_feature_select: str = "all"  # "all" (patches + class token) / "patches" / "cls"
+    vision_feature_layer: int = -1  # encoder block whose output feeds the projector (-1 = last)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations of the encoder and the LLM in backward
 
 
 @dataclass
@@ -97,17 +97,17 @@ class InstructDataConfig:
     tokens (image tokens included): truncate (text only; samples whose image tokens would be cut are
     dropped), drop or error."""
 
-    train_json: str = ""
-    eval_json: str = ""
-    image_folder: str = ""
-    max_length: int = 2048
-    overlong: str = "truncate"
+    train_json: str = ""  # LLaVA JSON conversations to train on
+    eval_json: str = ""  # LLaVA JSON with reference answers, scored (exact match) after training
+    image_folder: str = ""  # folder the image paths are relative to (default: images/ beside train_json)
+    max_length: int = 2048  # longest sample in tokens, image tokens included
+    overlong: str = "truncate"  # samples longer than max_length: truncate / drop / error
     crop_pct: float = 1.0  # whole images by default (LLaVA does not crop)
-    chat_template: str | None = None  # a Jinja template (text or a file); default: the processor's
+    chat_template: str | None = None  # a Jinja template (its text or a file); default: the processor's
     limit_train: int = 0  # first N conversations only (0 = all)
-    limit_eval: int = 0
-    max_new_tokens: int = 16
-    num_workers: int = 0
+    limit_eval: int = 0  # score only the first N evaluation questions (0 = all)
+    max_new_tokens: int = 16  # generation length when scoring
+    num_workers: int = 0  # DataLoader worker processes
 
 
 def _instruct_optim() -> OptimConfig:
@@ -122,7 +122,7 @@ def _instruct_train() -> TrainConfig:
 
 @dataclass
 class InstructRunConfig:
-    stage: str = "instruct"
+    stage: str = "instruct"  # the stage this file configures (checked against the command)
     model: InstructModelConfig = field(default_factory=InstructModelConfig)
     data: InstructDataConfig = field(default_factory=InstructDataConfig)
     optim: OptimConfig = field(default_factory=_instruct_optim)
@@ -157,6 +157,15 @@ class InstructRunConfig:
 
 
 # --------------------------------------------------------------------------- model parts
+def read_chat_template(value: str) -> str:
+    """A Jinja chat template given as its text or as a file path."""
+    if "{" in value:
+        return value
+    if not Path(value).is_file():
+        raise FileNotFoundError(f"data.chat_template: {value!r} is neither a Jinja template nor a file")
+    return Path(value).read_text()
+
+
 def load_tokenizer(spec: str):
     from defocus_vlm.llm import build_char_tokenizer, load_tokenizer
 
@@ -257,10 +266,9 @@ class InstructTask(StageTask):
         d = self.cfg.data
         self.processor = self._build_processor()
         tokenizer = self.processor.tokenizer
-        template = d.chat_template
-        if template is not None and Path(template).is_file():
-            template = Path(template).read_text()
-        self.chat_template = template or self.processor.chat_template or tokenizer.chat_template
+        if d.chat_template:  # it becomes the model's template: the exported processor carries it
+            self.processor.chat_template = read_chat_template(d.chat_template)
+        self.chat_template = self.processor.chat_template or tokenizer.chat_template
         size = self.processor.image_processor.size
         self.encoder = ConversationEncoder(tokenizer, self.processor.image_token, self.processor.num_image_tokens(
             size, size), d.max_length, d.overlong, self.chat_template)
@@ -332,6 +340,7 @@ class InstructTask(StageTask):
                                          projector_type=m.projector_type,
                                          vision_feature_select=m.vision_feature_select,
                                          vision_feature_layer=m.vision_feature_layer)
+            processor.chat_template = self.processor.chat_template
             self.processor = processor
         if model.config.image_token_id != self.processor.image_token_id:
             raise ConfigError(f"the model's image_token_id {model.config.image_token_id} is not the processor's "

@@ -5,8 +5,10 @@ written in LLaVA's conversation format: ``DIR/train.json`` and ``DIR/test.json``
 question, the answer as the assistant turn, so the test split doubles as the evaluation set),
 images under ``DIR/images/{train,test}/`` (record paths are relative to ``DIR/images``) and the
 answer vocabulary in ``DIR/answers.txt``. ``--group-by-image`` writes each training image once with
-all of its questions as one multi-turn conversation (about 10 turns): the same supervision for a
-tenth of the image tokens."""
+all of its questions as one multi-turn conversation (about 10 turns): a tenth of the image tokens,
+but earlier answers give later ones away ("is there a red shape?" "yes" ... "what color is the
+shape?"), so a model trained on it learns to read the conversation instead of the image and does
+worse on single questions."""
 
 from __future__ import annotations
 
