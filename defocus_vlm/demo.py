@@ -67,7 +67,7 @@ def demo_steps(out: Path, fast: bool = False) -> list[Step]:
 # 15 minutes on 2 CPU cores; README "make demo" gives the measured times.
 DEMO_STAGE1 = ["train.epochs=1", "optim.warmup_epochs=0.1"]
 DEMO_STAGE2 = ["train.epochs=1"]
-DEMO_STAGE3: list[str] = []
+DEMO_STAGE3 = ["train.max_steps=300", "data.limit_eval=200"]
 DEMO_VQA_EVAL = ["--limit", "1000", "--max-new-tokens", "4", "--batch-size", "64"]
 
 
