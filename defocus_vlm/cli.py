@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a stage (classification | clip | instruct): train STAGE --config FILE [key=value ...]"),
     "eval": ("evaluate", "evaluate a model (classification | zeroshot | retrieval | vqa): eval TASK --model DIR ..."),
     "classify": ("classify", "classify images with an exported model"),
+    "chat": ("chat", "ask a vision-language model about an image (one answer, or an interactive chat)"),
     "config-reference": ("config_reference", "print every config field with its default and meaning (Markdown)"),
     "analyze": ("analyze", "over-focus diagnostics: attention, receptive-field and gradient maps per layer"),
     "data": ("data", "prepare data sets: defocus-vlm data easy-vqa --out DIR (LLaVA JSON + images)"),
