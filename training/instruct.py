@@ -196,6 +196,21 @@ def vision_tower(v: VisionTowerConfig):
         raise ConfigError(f"model.vision: {err}") from err
 
 
+def saved_normalisation(source: str) -> tuple[list | None, list | None]:
+    """(image_mean, image_std) an encoder directory was trained with (its image processor config,
+    or a VLM's processor config); (None, None) for presets: the processor's defaults."""
+    import json
+
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = Path(source) / name
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            saved = saved.get(key, {}) if key else saved
+            if "image_mean" in saved:
+                return saved["image_mean"], saved.get("image_std")
+    return None, None
+
+
 def random_language_model(config: dict, tokenizer):
     """A randomly initialised causal LM from a config dict, sized to ``tokenizer`` (image token included)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -316,8 +331,9 @@ class InstructTask(StageTask):
         tokenizer = load_tokenizer(m.llm.tokenizer or m.llm.name)
         add_image_token(tokenizer)
         tokenizer.padding_side = "left"
+        mean, std = saved_normalisation(m.vision.source)
         image_processor = DefocusImageProcessor(size=vision_config.img_size, crop_pct=self.cfg.data.crop_pct,
-                                                num_channels=vision_config.in_chans)
+                                                image_mean=mean, image_std=std, num_channels=vision_config.in_chans)
         return DefocusVLMProcessor(image_processor, tokenizer, patch_size=vision_config.patch_size,
                                    vision_feature_select=m.vision_feature_select,
                                    has_class_token=vision_config.cls_position != "none")
