@@ -14,6 +14,7 @@ import os
 import shutil
 import string
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ CACHE_ENV = "DEFOCUS_VLM_CACHE"
 # Special tokens of build_char_tokenizer, in id order; tiny_*_config use the same ids.
 PAD, BOS, EOS, IMAGE = "<pad>", "<|im_start|>", "<|im_end|>", "<image>"
 CHAR_SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE)
+UNK = "<unk>"
 
 
 def cache_root() -> Path:
@@ -116,6 +118,27 @@ def build_char_tokenizer() -> PreTrainedTokenizerBase:
     backend.decoder = decoders.Fuse()  # join characters back without spaces
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS,
                                    additional_special_tokens=[IMAGE], padding_side="left")
+
+
+def build_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerBase:
+    """A word-level tokenizer whose vocabulary is the words and punctuation of ``texts`` (plus the
+    special tokens of :func:`build_char_tokenizer` at the same ids, and ``<unk>``).
+
+    For a language model trained from scratch on a small closed domain (easy-VQA has 40-odd words):
+    a word is one token wherever it stands, so "blue" in a question and "blue" as an answer share an
+    embedding, which a byte-pair vocabulary splits into unrelated ids ("blue" vs " blue")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    splitter = pre_tokenizers.Whitespace()  # runs of word characters, runs of punctuation
+    words = sorted({piece for text in texts for piece, _ in splitter.pre_tokenize_str(text)} - set(CHAR_SPECIAL_TOKENS))
+    specials = CHAR_SPECIAL_TOKENS + (UNK,)
+    vocab = {token: i for i, token in enumerate(specials + tuple(words))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = splitter
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces, " ?" -> "?"
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   unk_token=UNK, additional_special_tokens=[IMAGE], padding_side="left")
 
 
 def _special_ids() -> dict:

@@ -4,6 +4,7 @@ its CLI command, writes what the next one reads, and a second run reuses everyth
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ def test_demo_fast_runs_every_stage_then_reuses_them(tmp_path, capsys):
         calls.append(argv)
         return cli_main(argv)
 
-    result = run_demo(tmp_path, fast=True, run_command=run_command)
+    result = run_demo(tmp_path, fast=True, run_command=run_command, jobs=1)
     steps = demo_steps(tmp_path, fast=True)
     assert [c[:2] for c in calls] == [s.argv[:2] for s in steps]
     rows = {r["stage"]: r for r in result["rows"]}
@@ -36,7 +37,7 @@ def test_demo_fast_runs_every_stage_then_reuses_them(tmp_path, capsys):
     assert AutoModelForImageTextToText.from_pretrained(tmp_path / "stage3" / "model") is not None
 
     calls.clear()
-    again = run_demo(tmp_path, fast=True, run_command=run_command)
+    again = run_demo(tmp_path, fast=True, run_command=run_command, jobs=1)
     assert calls == []  # nothing re-run
     assert again["rows"] == result["rows"]
     assert "reused" in capsys.readouterr().out
@@ -44,4 +45,48 @@ def test_demo_fast_runs_every_stage_then_reuses_them(tmp_path, capsys):
 
 def test_demo_step_failure_names_the_command(tmp_path):
     with pytest.raises(RuntimeError, match="defocus-vlm train classification"):
-        run_demo(tmp_path, fast=True, run_command=lambda argv: 2)
+        run_demo(tmp_path, fast=True, run_command=lambda argv: 2, jobs=1)
+
+
+def _fake_step(steps, calls: list, lane: str):
+    def run(argv: list[str], *log) -> int:
+        calls.append((lane, argv, *log))
+        step = next(s for s in steps if s.argv == argv)
+        Path(step.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(step.output).write_text("{}")
+        return 0
+    return run
+
+
+def test_two_lanes_run_side_by_side_in_order(tmp_path):
+    """jobs=2: stage 1 and its readers in the foreground, stages 2-3 through the background runner
+    (one log per step), each lane in pipeline order; the table is still written."""
+    steps = demo_steps(tmp_path, fast=True)
+    calls: list = []
+    run_demo(tmp_path, fast=True, jobs=2, run_command=_fake_step(steps, calls, "fg"),
+             background_command=_fake_step(steps, calls, "bg"))
+    fg = [c[1] for c in calls if c[0] == "fg"]
+    bg = [c for c in calls if c[0] == "bg"]
+    assert fg == [s.argv for s in steps if s.lane == 0] and len(fg) == 3
+    assert [c[1] for c in bg] == [s.argv for s in steps if s.lane == 1] and len(bg) == 5
+    assert [c[2].name for c in bg][:2] == ["3_stage_2_clip_alignment_fashion_mnist_captions.log",
+                                           "4_eval_zero_shot_top_1.log"]
+    assert (tmp_path / "results.md").is_file()
+    assert json.loads((tmp_path / "results.json").read_text())["lanes"] == 2
+
+
+def test_a_failing_background_step_fails_the_demo(tmp_path):
+    steps = demo_steps(tmp_path, fast=True)
+    with pytest.raises(RuntimeError, match="defocus-vlm train clip"):
+        run_demo(tmp_path, fast=True, jobs=2, run_command=_fake_step(steps, [], "fg"),
+                 background_command=lambda argv, log: 3)
+
+
+def test_subprocess_steps_log_the_command_output(tmp_path):
+    from defocus_vlm.demo import SubprocessSteps
+
+    runner = SubprocessSteps()
+    assert runner(["presets"], tmp_path / "logs" / "presets.log") == 0
+    assert "defocus_mamba_small" in (tmp_path / "logs" / "presets.log").read_text()
+    runner.stop()
+    assert runner(["presets"], tmp_path / "logs" / "again.log") == -1  # stopped: no new step starts

@@ -175,6 +175,37 @@ def test_custom_chat_template_is_used_and_kept(toy_data, tmp_path):
     assert text.startswith("[user] <image>") and text.endswith("[assistant] red\n")
 
 
+def test_word_tokenizer_is_built_from_the_training_words_and_exported(toy_data, tmp_path):
+    """model.llm.tokenizer=words: one token per word of the training conversations (the same id in
+    a question and as an answer), assistant-only labels, and the export carries the vocabulary."""
+    from defocus_vlm.training.instruct import InstructTask
+    from transformers import AutoTokenizer
+
+    task = InstructTask(tiny(toy_data, tmp_path, "model.llm.tokenizer=words"))
+    ds = task.build_data()
+    model = task.build_model()
+    tokenizer = task.processor.tokenizer
+    vocab = tokenizer.get_vocab()
+    assert {"what", "colour", "?", "same", "red", "say", "hi", "user", "assistant"} <= set(vocab)
+    assert len(vocab) < 30 and model.config.text_config.vocab_size == len(tokenizer)
+    words = tokenizer.convert_ids_to_tokens(ds[0]["input_ids"].tolist())
+    assert words[-4:] == ["<|im_start|>", "assistant", "red", "<|im_end|>"] and "<image>" in words
+    trained = [w for w, label in zip(words, ds[0]["labels"].tolist()) if label != -100]
+    assert trained == ["red", "<|im_end|>"]
+    assert tokenizer.decode(tokenizer("what colour is it ?")["input_ids"]) == "what colour <unk> <unk>?"
+    tokenizer.save_pretrained(tmp_path / "tok")
+    again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert again(task.processor.tokenizer.decode(ds[1]["input_ids"]))["input_ids"] == ds[1]["input_ids"].tolist()
+
+
+def test_word_tokenizer_needs_training_data():
+    from defocus_vlm.training.config import ConfigError
+    from defocus_vlm.training.instruct import load_tokenizer
+
+    with pytest.raises(ConfigError, match="data.train_json"):
+        load_tokenizer("words", None)
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.tune=everything", "model.tune"),
     ("model.llm.name=smollm2-135m-instruct", "exactly one of model.llm.name"),
@@ -198,3 +229,26 @@ def test_cli_reports_missing_data_in_one_line(capsys, tmp_path):
     code = main(["train", "instruct", "--config", "tiny_cpu", f"data.train_json={tmp_path / 'none.json'}",
                  f"train.output_dir={tmp_path / 'run'}"])
     assert code == 2 and "none.json" in capsys.readouterr().err
+
+
+def test_flips_follow_the_sample_seed_and_spare_evaluation(tmp_path):
+    """data.hflip / vflip mirror a training image by the sampler's per-sample seed (the same seed, the
+    same image: resume stays exact); evaluation items (plain indices) are never flipped."""
+    import numpy as np
+    from defocus_vlm.training.llava_data import EncodedSample, LlavaDataset
+
+    from defocus_vlm import DefocusImageProcessor
+
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    pixels[:2, :4] = 255  # a white bar in the top-left corner
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    ids = np.zeros(3, np.int64)
+    processor = DefocusImageProcessor(size=8, crop_pct=1.0, image_mean=[0, 0, 0], image_std=[1, 1, 1])
+    plain = LlavaDataset([EncodedSample("a", ids, ids, ["a.png"])], tmp_path, processor)[0]["pixel_values"][0, 0]
+    both = LlavaDataset([EncodedSample("a", ids, ids, ["a.png"])], tmp_path, processor, hflip=1.0, vflip=1.0)
+    assert torch.equal(both[0]["pixel_values"][0, 0], plain)
+    assert torch.equal(both[(0, 7)]["pixel_values"][0, 0], plain.flip(0, 1))
+    half = LlavaDataset([EncodedSample("a", ids, ids, ["a.png"])], tmp_path, processor, hflip=0.5)
+    seen = {tuple(half[(0, seed)]["pixel_values"][0, 0, 0].tolist()) for seed in range(16)}
+    assert seen == {tuple(plain[0].tolist()), tuple(plain[0].flip(0).tolist())}
+    assert torch.equal(half[(0, 3)]["pixel_values"], half[(0, 3)]["pixel_values"])

@@ -212,3 +212,25 @@ def test_easy_vqa_export(tmp_path):
     first = grouped[0].messages
     assert first[0]["content"].startswith("<image>\n") and "<image>" not in first[2]["content"]
     assert first[0]["content"] == "<image>\n" + "what is the blue shape?"
+
+
+def test_easy_vqa_export_has_a_classification_layout(tmp_path):
+    """classes/{train,val}/<colour>_<shape>/: the images whose colour and shape their questions pin
+    down, each in the folder its own questions agree with."""
+    from defocus_vlm.cli import main
+
+    pytest.importorskip("easy_vqa", reason="easy-vqa is not installed (pip install 'defocus-vlm[train]')")
+    assert main(["data", "easy-vqa", "--out", str(tmp_path), "--limit", "200"]) == 0
+    for split, json_name in (("train", "train.json"), ("val", "test.json")):
+        folders = sorted(p for p in (tmp_path / "classes" / split).iterdir())
+        assert folders and all(len(p.name.split("_")) == 2 for p in folders)
+        labels = {f"{split if split == 'train' else 'test'}/{png.name}": p.name for p in folders for png in p.iterdir()}
+        assert len(labels) >= 10
+        checked = 0
+        for conv in read_llava_json(tmp_path / json_name):
+            label = labels.get(conv.images[0])
+            question, answer = conv.messages[0]["content"].split("\n")[1], conv.messages[1]["content"]
+            if label and question in ("what color is the shape?", "what shape is in the image?"):
+                assert answer in label.split("_"), (conv.images[0], question, answer, label)
+                checked += 1
+        assert checked >= 5

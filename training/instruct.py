@@ -25,6 +25,7 @@ from .config import ConfigError, OptimConfig, TrainConfig
 from .engine import all_reduce_sum
 from .llava_data import (
     IGNORE_INDEX,
+    LLAVA_IMAGE_TOKEN,
     OVERLONG_POLICIES,
     ConversationEncoder,
     LlavaCollator,
@@ -36,6 +37,7 @@ from .loop import StageTask, StepContext, run_stage
 
 TUNE_MODES = ("projector", "finetune")
 CHAR_TOKENIZER = "char"
+WORD_TOKENIZER = "words"
 
 
 @dataclass
@@ -57,8 +59,9 @@ class LanguageModelConfig:
     """name: a causal LM for ``load_llm`` (a directory, a cached hub name or ``smollm2-135m-instruct``).
     config: instead of ``name``, a transformers config dict with ``model_type`` for a randomly
     initialised LM (vocabulary size and special token ids come from the tokenizer).
-    tokenizer: defaults to ``name``'s; with ``config`` give a path/name/alias or ``char`` (the built-in
-    character tokenizer)."""
+    tokenizer: defaults to ``name``'s; with ``config`` give a path/name/alias, ``char`` (the built-in
+    character tokenizer) or ``words`` (a word-level vocabulary of the training conversations: one token
+    per word wherever it stands, for a small closed-domain LM trained from scratch)."""
 
     name: str | None = None
     config: dict = field(default_factory=dict)
@@ -103,6 +106,8 @@ class InstructDataConfig:
     max_length: int = 2048  # longest sample in tokens, image tokens included
     overlong: str = "truncate"  # samples longer than max_length: truncate / drop / error
     crop_pct: float = 1.0  # whole images by default (LLaVA does not crop)
+    hflip: float = 0.0  # probability of mirroring a training image left-right (only if answers allow)
+    vflip: float = 0.0  # probability of flipping a training image upside down (only if answers allow)
     chat_template: str | None = None  # a Jinja template (its text or a file); default: the processor's
     limit_train: int = 0  # first N conversations only (0 = all)
     limit_eval: int = 0  # score only the first N evaluation questions (0 = all)
@@ -145,6 +150,7 @@ class InstructRunConfig:
             (d.overlong in OVERLONG_POLICIES, f"data.overlong must be one of {OVERLONG_POLICIES}"),
             (d.max_length > 0 and d.max_new_tokens > 0, "data.max_length and data.max_new_tokens must be positive"),
             (0 < d.crop_pct <= 1, "data.crop_pct must be in (0, 1]"),
+            (0 <= d.hflip <= 1 and 0 <= d.vflip <= 1, "data.hflip and data.vflip are probabilities in [0, 1]"),
             (t.batch_size > 0 and t.epochs > 0, "train.batch_size and train.epochs must be positive"),
             (t.ema_decay == 0, "train.ema_decay must be 0 for instruction tuning (no EMA of a language model)"),
             (t.drop_path_max == 0, "train.drop_path_min/max must be 0: the encoder's drop path is not used here"),
@@ -166,10 +172,18 @@ def read_chat_template(value: str) -> str:
     return Path(value).read_text()
 
 
-def load_tokenizer(spec: str):
-    from defocus_vlm.llm import build_char_tokenizer, load_tokenizer
+def load_tokenizer(spec: str, train_json: str | None = None):
+    """``spec`` as in :class:`LanguageModelConfig`; ``words`` reads its vocabulary from ``train_json``."""
+    from defocus_vlm.llm import build_char_tokenizer, build_word_tokenizer, load_tokenizer
 
-    return build_char_tokenizer() if spec == CHAR_TOKENIZER else load_tokenizer(spec)
+    if spec == CHAR_TOKENIZER:
+        return build_char_tokenizer()
+    if spec == WORD_TOKENIZER:
+        if not train_json:
+            raise ConfigError("model.llm.tokenizer: words builds its vocabulary from data.train_json; set it")
+        texts = [m["content"].replace(LLAVA_IMAGE_TOKEN, " ") for c in read_llava_json(train_json) for m in c.messages]
+        return build_word_tokenizer(["system user assistant", *texts])
+    return load_tokenizer(spec)
 
 
 def vision_tower(v: VisionTowerConfig):
@@ -300,7 +314,7 @@ class InstructTask(StageTask):
             self.eval_ds = LlavaDataset([s for _, s in kept], image_folder, self.processor.image_processor)
             self.eval_prompts = [self._prompt(c) for c, _ in kept]
         self.num_train = len(samples)
-        return LlavaDataset(samples, image_folder, self.processor.image_processor)
+        return LlavaDataset(samples, image_folder, self.processor.image_processor, d.hflip, d.vflip)
 
     def _read(self, path: str, image_folder: Path, limit: int) -> list:
         conversations = read_llava_json(path, self.processor.image_token)
@@ -328,7 +342,7 @@ class InstructTask(StageTask):
         tower = vision_tower(m.vision)
         self.vision = tower
         vision_config = getattr(tower, "config", tower)
-        tokenizer = load_tokenizer(m.llm.tokenizer or m.llm.name)
+        tokenizer = load_tokenizer(m.llm.tokenizer or m.llm.name, self.cfg.data.train_json)
         add_image_token(tokenizer)
         tokenizer.padding_side = "left"
         mean, std = saved_normalisation(m.vision.source)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from defocus_vlm.image_io import ImageError, load_image
@@ -218,30 +219,44 @@ def resolve_images(conversations: list[Conversation], image_folder: str | os.Pat
 
 
 class LlavaDataset(Dataset):
-    """Encoded samples with their images run through ``image_processor`` (a DefocusImageProcessor)."""
+    """Encoded samples with their images run through ``image_processor`` (a DefocusImageProcessor).
 
-    def __init__(self, samples: list[EncodedSample], image_folder: str | os.PathLike, image_processor):
+    hflip / vflip: probability of mirroring each training image left-right / upside down, drawn from
+    the sampler's per-sample seed (so a resumed run sees the same images). Off by default, as in
+    LLaVA; only for data whose answers do not change under the flip (no "left of" questions)."""
+
+    def __init__(self, samples: list[EncodedSample], image_folder: str | os.PathLike, image_processor,
+                 hflip: float = 0.0, vflip: float = 0.0):
         if not samples:
             raise DataError("no training sample is left after encoding (all were dropped)")
         self.samples, self.image_folder, self.image_processor = samples, Path(image_folder), image_processor
+        self.flips = (hflip, vflip)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load_images(self, paths: list[str]) -> torch.Tensor | None:
+    def load_images(self, paths: list[str], seed: int | None = None) -> torch.Tensor | None:
         if not paths:
             return None
         try:
             images = [load_image(self.image_folder / p) for p in paths]
         except ImageError as err:
             raise DataError(str(err)) from err
+        if seed is not None and any(self.flips):
+            rng = np.random.default_rng(seed)
+            transposes = (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM)
+            for i in range(len(images)):
+                for p, transpose in zip(self.flips, transposes):
+                    if rng.random() < p:
+                        images[i] = images[i].transpose(transpose)
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
-        # the training sampler gives (index, per-sample seed); nothing here is random
-        s = self.samples[item[0] if isinstance(item, tuple) else item]
+        # the training sampler gives (index, per-sample seed); evaluation gives an index (no flips)
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        s = self.samples[index]
         return {"input_ids": torch.from_numpy(s.input_ids), "labels": torch.from_numpy(s.labels),
-                "pixel_values": self.load_images(s.images)}
+                "pixel_values": self.load_images(s.images, seed)}
 
 
 class LlavaCollator:

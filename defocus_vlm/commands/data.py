@@ -4,7 +4,10 @@ easy-VQA (PyPI ``easy-vqa``, MIT; 64x64 images with one coloured shape, 13 singl
 written in LLaVA's conversation format: ``DIR/train.json`` and ``DIR/test.json`` (one record per
 question, the answer as the assistant turn, so the test split doubles as the evaluation set),
 images under ``DIR/images/{train,test}/`` (record paths are relative to ``DIR/images``) and the
-answer vocabulary in ``DIR/answers.txt``. ``--group-by-image`` writes each training image once with
+answer vocabulary in ``DIR/answers.txt``. ``DIR/classes/{train,val}/<colour>_<shape>/`` holds the
+same images as an image-folder classification set (24 classes; an image whose colour or shape its
+questions leave open is left out) for pretraining an encoder with ``train classification``.
+``--group-by-image`` writes each training image once with
 all of its questions as one multi-turn conversation (about 10 turns): a tenth of the image tokens,
 but earlier answers give later ones away ("is there a red shape?" "yes" ... "what color is the
 shape?"), so a model trained on it learns to read the conversation instead of the image and does
@@ -63,6 +66,19 @@ def _records(split: str, rows: list, instruction: str, group: bool) -> list[dict
             for image_id, qa in by_image.items()]
 
 
+def _write_classes(root: Path, rows: list, image_dir: Path) -> None:
+    """Image-folder layout ``root/<colour>_<shape>/<id>.png`` of the images whose colour and shape
+    the questions pin down (``training.pairs.easy_vqa_phrases``)."""
+    from defocus_vlm.training.pairs import easy_vqa_phrases
+
+    phrases = easy_vqa_phrases(*zip(*rows)) if rows else {}
+    for image_id, phrase in phrases.items():
+        words = phrase.split()
+        if len(words) == 2 and words[1] != "shape":
+            (root / "_".join(words)).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image_dir / f"{image_id}.png", root / "_".join(words) / f"{image_id}.png")
+
+
 def export_easy_vqa(out: str | Path, instruction: str = SHORT_ANSWER_PROMPT, group_by_image: bool = False,
                     limit: int = 0) -> dict[str, int]:
     """Write easy-VQA under ``out`` (layout in the module docstring); returns records per split."""
@@ -77,6 +93,7 @@ def export_easy_vqa(out: str | Path, instruction: str = SHORT_ANSWER_PROMPT, gro
         image_dir.mkdir(parents=True, exist_ok=True)
         for image_id in sorted({image_id for _, _, image_id in rows}):
             shutil.copyfile(paths[image_id], image_dir / f"{image_id}.png")
+        _write_classes(out / "classes" / ("val" if split == "test" else split), rows, image_dir)
         records = _records(split, rows, instruction, group_by_image and split == "train")
         (out / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
         counts[split] = len(records)
