@@ -19,13 +19,13 @@ def test_help_lists_every_command(capsys):
 def test_kernels_reports_backends_and_env_override(capsys, monkeypatch):
     assert main(["kernels", "--device", "cpu", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["ops"]["selective_scan"]["backend"] == "reference"  # inference: the recurrence
-    assert info["ops_training"]["selective_scan"]["backend"] == "chunked"
+    assert info["ops"]["selective_scan"]["backend"] == "reference"  # the recurrence, inference and training
+    assert info["ops_training"]["selective_scan"]["backend"] == "reference"
     assert info["ops"]["retention"]["backend"] == "parallel"
-    monkeypatch.setenv("DEFOCUS_KERNELS", "selective_scan=reference")
+    monkeypatch.setenv("DEFOCUS_KERNELS", "selective_scan=chunked")
     assert main(["kernels", "--device", "cpu", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    expected = {"backend": "reference", "chosen_by": "DEFOCUS_KERNELS environment variable"}
+    expected = {"backend": "chunked", "chosen_by": "DEFOCUS_KERNELS environment variable"}
     assert info["ops"]["selective_scan"] == expected
 
 

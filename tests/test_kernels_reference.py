@@ -429,18 +429,18 @@ def test_env_var_selects_backend(monkeypatch, env, expected):
 
 
 def test_cpu_auto_rules():
-    """CPU: the recurrence without autograd, the chunked scan with it; the parallel retention for short
+    """CPU: the recurrence for scans, with or without autograd; the parallel retention for short
     inputs with a small score tensor, chunkwise otherwise."""
     s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
     assert SCAN._auto_for(s["u"], needs_grad=False)() == "reference"
-    assert SCAN._auto_for(s["u"], needs_grad=True)() == "chunked"
+    assert SCAN._auto_for(s["u"], needs_grad=True)() == "reference"
     assert RET._auto_for(torch.zeros(1, 2, 197, 4))() == "parallel"
     assert RET._auto_for(torch.zeros(1, 2, 1024, 4))() == "chunkwise"  # long: chunkwise
     assert 1024 * 16 * 256 * 256 > RET.PARALLEL_MAX_SCORES
     assert RET._auto_for(torch.zeros(1024, 16, 256, 1))() == "chunkwise"  # short but many scores
     s = {k: (v.requires_grad_() if k == "u" else v) for k, v in s.items()}
     selective_scan(**s)
-    assert LAST_CHOICE["selective_scan"][0] == "chunked"
+    assert LAST_CHOICE["selective_scan"][0] == "reference"
     with torch.no_grad():
         selective_scan(**s)
     assert LAST_CHOICE["selective_scan"][0] == "reference"
