@@ -234,3 +234,23 @@ def test_easy_vqa_export_has_a_classification_layout(tmp_path):
                 assert answer in label.split("_"), (conv.images[0], question, answer, label)
                 checked += 1
         assert checked >= 5
+
+
+def test_balance_answers_evens_out_each_question():
+    from collections import Counter
+
+    from defocus_vlm.commands.data import balance_answers
+
+    def record(i: int, question: str, answer: str) -> dict:
+        return {"id": str(i), "image": f"{i}.png", "conversations": [{"from": "human", "value": question},
+                                                                     {"from": "gpt", "value": answer}]}
+
+    records = [record(i, "is there a red shape?", "yes" if i < 2 else "no") for i in range(14)]
+    records += [record(20 + i, "what color?", c) for i, c in enumerate(["red", "red", "blue"])]
+    records.append({"id": "multi", "conversations": records[0]["conversations"] * 2})
+    out = balance_answers(records)
+    answers = Counter((r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in out
+                      if len(r["conversations"]) == 2)
+    assert answers[("is there a red shape?", "yes")] == answers[("is there a red shape?", "no")] == 12
+    assert answers[("what color?", "red")] == answers[("what color?", "blue")] == 2
+    assert sum(r["id"] == "multi" for r in out) == 1 and {r["id"] for r in out} == {r["id"] for r in records}

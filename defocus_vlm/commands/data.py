@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="text on its own line after each question ('' for none); default: LLaVA's short-answer prompt")
     p.add_argument("--group-by-image", action="store_true",
                    help="train.json: one multi-turn conversation per image instead of one record per question")
+    p.add_argument("--balance-answers", action="store_true",
+                   help="train.json: repeat records so that every question text has each of its answers equally "
+                        "often (easy-VQA's 'is there a red shape?' is 'no' 7 times in 8; the model then answers "
+                        "from that prior instead of the image). The test split is left as it is")
     p.add_argument("--limit", type=int, default=0, help="keep only the first N questions of each split (0 = all)")
 
 
@@ -79,8 +83,29 @@ def _write_classes(root: Path, rows: list, image_dir: Path) -> None:
             shutil.copyfile(image_dir / f"{image_id}.png", root / "_".join(words) / f"{image_id}.png")
 
 
+def balance_answers(records: list[dict]) -> list[dict]:
+    """Each single-question record repeated round(most common answer's count / its answer's count)
+    times among the records with the same question text (a yes/no question asked of 8 colours
+    becomes about half yes, half no). Multi-turn records are kept once."""
+    from collections import Counter
+
+    def key(record: dict) -> tuple[str, str] | None:
+        turns = record["conversations"]
+        return (turns[0]["value"], turns[1]["value"]) if len(turns) == 2 else None
+
+    counts = Counter(k for k in map(key, records) if k is not None)
+    most = Counter()
+    for (question, _), n in counts.items():
+        most[question] = max(most[question], n)
+    out = []
+    for record in records:
+        k = key(record)
+        out.extend([record] * (max(1, round(most[k[0]] / counts[k])) if k else 1))
+    return out
+
+
 def export_easy_vqa(out: str | Path, instruction: str = SHORT_ANSWER_PROMPT, group_by_image: bool = False,
-                    limit: int = 0) -> dict[str, int]:
+                    limit: int = 0, balance: bool = False) -> dict[str, int]:
     """Write easy-VQA under ``out`` (layout in the module docstring); returns records per split."""
     if limit < 0:
         raise ValueError(f"--limit must be >= 0, got {limit}")
@@ -95,6 +120,8 @@ def export_easy_vqa(out: str | Path, instruction: str = SHORT_ANSWER_PROMPT, gro
             shutil.copyfile(paths[image_id], image_dir / f"{image_id}.png")
         _write_classes(out / "classes" / ("val" if split == "test" else split), rows, image_dir)
         records = _records(split, rows, instruction, group_by_image and split == "train")
+        if balance and split == "train":
+            records = balance_answers(records)
         (out / f"{split}.json").write_text(json.dumps(records, indent=1) + "\n")
         counts[split] = len(records)
     (out / "answers.txt").write_text("\n".join(answers) + "\n")
@@ -102,6 +129,6 @@ def export_easy_vqa(out: str | Path, instruction: str = SHORT_ANSWER_PROMPT, gro
 
 
 def run(args: argparse.Namespace) -> int:
-    counts = export_easy_vqa(args.out, args.instruction, args.group_by_image, args.limit)
+    counts = export_easy_vqa(args.out, args.instruction, args.group_by_image, args.limit, args.balance_answers)
     print(json.dumps({"out": str(args.out), "records": counts}), file=sys.stdout)
     return 0
