@@ -119,6 +119,9 @@ def default_jobs() -> int:
     return 1 if torch.cuda.is_available() or (os.cpu_count() or 1) < 2 else 2
 
 
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 class SubprocessSteps:
     """Runs steps as their own ``python -m defocus_vlm.cli`` processes, output to a log file; the
     running one can be stopped from another thread (when the other lane fails or is interrupted)."""
@@ -133,8 +136,14 @@ class SubprocessSteps:
             if self.stopped:
                 return -1
             self.running = subprocess.Popen([sys.executable, "-m", "defocus_vlm.cli", *argv], stdout=handle,
-                                            stderr=subprocess.STDOUT)
+                                            stderr=subprocess.STDOUT, env=self.child_env())
             return self.running.wait()
+
+    @staticmethod
+    def child_env() -> dict[str, str]:
+        """This process's environment without the single-process rendezvous a training step in the
+        foreground lane set up (MASTER_PORT etc.): the child would try to listen on the same port."""
+        return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
 
     def stop(self) -> None:
         self.stopped = True

@@ -82,8 +82,15 @@ def test_a_failing_background_step_fails_the_demo(tmp_path):
                  background_command=lambda argv, log: 3)
 
 
-def test_subprocess_steps_log_the_command_output(tmp_path):
+def test_subprocess_steps_log_the_command_output(tmp_path, monkeypatch):
     from defocus_vlm.demo import SubprocessSteps
+
+    # a training step of the foreground lane leaves its rendezvous in os.environ; a child must not reuse it
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("DEFOCUS_KERNELS", "reference")
+    env = SubprocessSteps.child_env()
+    assert "MASTER_PORT" not in env and "RANK" not in env and env["DEFOCUS_KERNELS"] == "reference"
 
     runner = SubprocessSteps()
     assert runner(["presets"], tmp_path / "logs" / "presets.log") == 0
