@@ -238,7 +238,7 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, fast: bool = Fa
     (out / "results.json").write_text(json.dumps({"rows": rows, "step_seconds": times, "this_run_s": round(total, 1),
                                                   "lanes": jobs}, indent=2) + "\n")
     print(f"\n{table}\n\nthis run: {total / 60:.1f} min; step times: "
-          + ", ".join(f"{k.split(':')[0]} {v:.0f}s" for k, v in times.items()))
+          + "; ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print(f"results: {out / 'results.md'}, {out / 'results.json'}; over-focus figures: {out / 'focus'}")
     print(f"models: AutoModelForImageClassification <- {out / 'stage1' / 'model'}, "
           f"AutoModelForImageTextToText <- {out / 'stage3' / 'model'}")

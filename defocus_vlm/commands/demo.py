@@ -2,7 +2,7 @@
 alignment, stage 3 instruction tuning on easy-VQA with a small LLM, their evaluations, an over-focus
 picture and a final table. Each step is printed as the ``defocus-vlm`` command it runs; finished steps
 are reused unless --force. Stage 1 and stages 2-3 run side by side on a CPU with 2+ cores (--jobs).
-About 15 minutes on 2 CPU cores; a GPU is used when present."""
+About 6 minutes on 2 CPU cores (limit: 15); a GPU is used when present."""
 
 from __future__ import annotations
 
