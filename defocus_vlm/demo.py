@@ -201,7 +201,10 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, fast: bool = Fa
     start = time.time()
     steps = demo_steps(out, fast)
     runner = _Runner(steps, out, force, times)
-    foreground = lambda i, step: run_command(step.argv)  # noqa: E731
+
+    def foreground(i: int, step: Step) -> int:
+        return run_command(step.argv)
+
     if jobs < 2:
         runner.run_lane({0, 1}, foreground)
     else:

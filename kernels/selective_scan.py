@@ -129,7 +129,7 @@ def _triton(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CUDA (or the 
 BACKENDS = {"reference": _reference, "chunked": _chunked, "mamba_ssm": _mamba_ssm, "triton": _triton}
 
 
-def _auto_for(u: torch.Tensor, needs_grad: bool):
+def _auto_for(u: torch.Tensor):
     def choose() -> str:
         if u.is_cuda:
             from .registry import importable
@@ -141,8 +141,7 @@ def _auto_for(u: torch.Tensor, needs_grad: bool):
         # CPU (never triton: there it only runs in the slow interpreter): the token-by-token
         # recurrence touches each state once and is the fastest exact form, forward and backward
         # (1.3-3x the chunked scan forward, 3-13x forward+backward at 197-4096 tokens;
-        # benchmarks/cpu_selective_scan.json). needs_grad stays in the signature for devices whose
-        # rule depends on it.
+        # benchmarks/cpu_selective_scan.json).
         return "reference"
 
     return choose
@@ -168,10 +167,7 @@ def selective_scan(
     expected = (u.shape[0], A.shape[1], u.shape[2])
     if tuple(B.shape) != expected or tuple(C.shape) != expected:
         raise ValueError(f"B and C must be {expected}, got {tuple(B.shape)} and {tuple(C.shape)}")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, initial_state)
-    )
-    name = resolve("selective_scan", backend, BACKENDS, _auto_for(u, needs_grad))
+    name = resolve("selective_scan", backend, BACKENDS, _auto_for(u))
     y, last = BACKENDS[name](u, delta, A, B, C, D, z, initial_state, max_chunk)
     y = y.to(u.dtype)
     return (y, last) if return_last_state else y

@@ -432,8 +432,7 @@ def test_cpu_auto_rules():
     """CPU: the recurrence for scans, with or without autograd; the parallel retention for short
     inputs with a small score tensor, chunkwise otherwise."""
     s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
-    assert SCAN._auto_for(s["u"], needs_grad=False)() == "reference"
-    assert SCAN._auto_for(s["u"], needs_grad=True)() == "reference"
+    assert SCAN._auto_for(s["u"])() == "reference"
     assert RET._auto_for(torch.zeros(1, 2, 197, 4))() == "parallel"
     assert RET._auto_for(torch.zeros(1, 2, 1024, 4))() == "chunkwise"  # long: chunkwise
     assert 1024 * 16 * 256 * 256 > RET.PARALLEL_MAX_SCORES

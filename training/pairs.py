@@ -110,7 +110,7 @@ class EasyVQASource:
             raise DataError(f"easy-VQA has the splits train and test, not {split!r}")
         phrases = easy_vqa_phrases(*questions)
         self.items = [(paths[i], phrases[i]) for i in sorted(phrases)
-                      if i in paths and (partial or len(phrases[i].split()) == 2 and "shape" not in phrases[i])]
+                      if i in paths and (partial or is_colour_and_shape(phrases[i]))]
         if not self.items:
             raise DataError(f"easy-VQA {split}: no image could be captioned")
         self.classes = None
@@ -124,6 +124,12 @@ class EasyVQASource:
     def load(self, i: int) -> tuple[Image.Image, str]:
         path, phrase = self.items[i]
         return load_image(path), phrase
+
+
+def is_colour_and_shape(phrase: str) -> bool:
+    """True for a phrase of :func:`easy_vqa_phrases` that names both attributes ("blue circle")."""
+    words = phrase.split()
+    return len(words) == 2 and words[1] != "shape"
 
 
 def easy_vqa_phrases(texts: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]) -> dict[int, str]:

@@ -73,14 +73,14 @@ def _records(split: str, rows: list, instruction: str, group: bool) -> list[dict
 def _write_classes(root: Path, rows: list, image_dir: Path) -> None:
     """Image-folder layout ``root/<colour>_<shape>/<id>.png`` of the images whose colour and shape
     the questions pin down (``training.pairs.easy_vqa_phrases``)."""
-    from defocus_vlm.training.pairs import easy_vqa_phrases
+    from defocus_vlm.training.pairs import easy_vqa_phrases, is_colour_and_shape
 
     phrases = easy_vqa_phrases(*zip(*rows)) if rows else {}
     for image_id, phrase in phrases.items():
-        words = phrase.split()
-        if len(words) == 2 and words[1] != "shape":
-            (root / "_".join(words)).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(image_dir / f"{image_id}.png", root / "_".join(words) / f"{image_id}.png")
+        if is_colour_and_shape(phrase):
+            folder = root / phrase.replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(image_dir / f"{image_id}.png", folder / f"{image_id}.png")
 
 
 def balance_answers(records: list[dict]) -> list[dict]:
