@@ -25,6 +25,7 @@ from transformers.utils.generic import can_return_tuple
 
 from defocus_vlm.encoders.model import EncoderState
 
+from .compat import CACHE_NAME, cache_argument, cache_of, merge_cache_arguments
 from .configuration_defocus import DefocusVisionConfig
 from .configuration_vlm import DefocusVLMConfig
 from .modeling_defocus import DefocusVisionModel
@@ -40,11 +41,16 @@ _STEPWISE_CONTINUATION_MODEL_TYPES = frozenset({"mamba", "falcon_mamba"})
 @dataclass
 class DefocusVLMOutput(ModelOutput):
     """loss: next-token cross-entropy from ``labels`` (image positions ignored). image_hidden_states:
-    the projected image tokens (num_images, tokens_per_image, hidden) of a one-shot forward."""
+    the projected image tokens (num_images, tokens_per_image, hidden) of a one-shot forward. The language
+    model's cache is ``cache`` on transformers >= 5.24 (``past_key_values`` still reads it) and
+    ``past_key_values`` before: the field is named as ``generate`` of the installed release reads it."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    if CACHE_NAME == "cache":
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
@@ -76,7 +82,7 @@ class DefocusVLMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     # Attention backends are the language model's business; these only let it choose.
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -102,7 +108,7 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         config.vision_config, config.text_config = self.vision_tower.config, self.language_model.config
         self._is_stateful = getattr(self.language_model, "_is_stateful", False)
         llm_args = inspect.signature(self.language_model.forward).parameters
-        self._cache_argument = "past_key_values" if "past_key_values" in llm_args else "cache_params"
+        self._cache_argument = cache_argument(self.language_model.forward)
         self._llm_takes_position_ids = "position_ids" in llm_args
         self._stepwise_continuation = config.text_config.model_type in _STEPWISE_CONTINUATION_MODEL_TYPES
         self.post_init()
@@ -215,11 +221,6 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
             inputs["logits_to_keep"] = logits_to_keep
         return self.language_model(**inputs, **kwargs)
 
-    @staticmethod
-    def _cache_of(output: ModelOutput):
-        cache = getattr(output, "past_key_values", None)
-        return cache if cache is not None else getattr(output, "cache_params", None)
-
     @can_return_tuple
     def forward(
         self,
@@ -227,17 +228,20 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_chunk_size: int | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> DefocusVLMOutput:
         """labels: next-token targets aligned with ``input_ids`` (shifted inside, -100 ignored; image
         placeholder positions are ignored too). image_chunk_size: pre-fill with the streaming path
-        (:meth:`prefill_image_stream`) instead of one shot; inference only."""
+        (:meth:`prefill_image_stream`) instead of one shot; inference only. cache: the language model's
+        cache (``past_key_values``, its name before transformers 5.24, is accepted too)."""
+        cache = merge_cache_arguments(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and input_ids is None:
@@ -246,8 +250,7 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
             if labels is not None:
                 raise ValueError("image_chunk_size (streaming prefill) is for inference; train without it")
             return self.prefill_image_stream(input_ids, pixel_values, image_chunk_size, attention_mask=attention_mask,
-                                             position_ids=position_ids, past_key_values=past_key_values,
-                                             logits_to_keep=logits_to_keep)
+                                             position_ids=position_ids, cache=cache, logits_to_keep=logits_to_keep)
         image_features = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -259,7 +262,7 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
               and bool((input_ids == self.config.image_token_id).any())):
             raise ValueError("input_ids hold image tokens but no pixel_values were given")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        out = self._run_language_model(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache,
+        out = self._run_language_model(inputs_embeds, attention_mask, position_ids, cache, use_cache,
                                        logits_to_keep, **kwargs)
         loss = None
         if labels is not None:
@@ -267,7 +270,7 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
                 labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
             loss = ForCausalLMLoss(out.logits, labels, vocab_size=out.logits.shape[-1],
                                    num_items_in_batch=num_items_in_batch)
-        return DefocusVLMOutput(loss=loss, logits=out.logits, past_key_values=self._cache_of(out),
+        return DefocusVLMOutput(loss=loss, logits=out.logits, **{CACHE_NAME: cache_of(out)},
                                 hidden_states=getattr(out, "hidden_states", None),
                                 attentions=getattr(out, "attentions", None), image_hidden_states=image_features)
 
@@ -279,20 +282,23 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         chunk_size: int,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         logits_to_keep: int = 0,
         chunk_callback: Callable[[int], None] | None = None,
+        past_key_values: Cache | None = None,
     ) -> DefocusVLMOutput:
         """Pre-fill the prompt into the language model's cache in order: text before an image, then the
         image ``chunk_size`` encoder tokens at a time (each chunk encoded with the encoder's streaming
         mode, projected and pre-filled as soon as it exists), then the text after it.
 
-        Returns the logits (all positions, or the last ``logits_to_keep``) and the filled cache in
-        ``past_key_values``: continue with ``generate``-style decoding, or call
+        Returns the logits (all positions, or the last ``logits_to_keep``) and the filled cache (the
+        output's cache field, see :class:`DefocusVLMOutput`): continue with ``generate``-style decoding, or call
         ``generate(..., image_chunk_size=chunk_size)`` to do both. ``chunk_callback(position)`` is called
         after each image chunk is in the cache (``position`` = prompt tokens pre-filled so far).
         Batches need the image placeholders at the same positions in every sample (left padding).
+        ``past_key_values`` is the old name of ``cache``.
         """
+        cache = merge_cache_arguments(cache, past_key_values)
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if not self.config.vision_config.causal:
@@ -305,8 +311,7 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         images = pixel_values.view(batch, pixel_values.shape[0] // batch, *pixel_values.shape[1:])
         per_image = self.config.num_image_tokens(*pixel_values.shape[-2:])
         text_embeds = self.get_input_embeddings()(input_ids)
-        prefill = _CachePrefill(self, input_ids.shape[1], attention_mask, position_ids, past_key_values,
-                                logits_to_keep)
+        prefill = _CachePrefill(self, input_ids.shape[1], attention_mask, position_ids, cache, logits_to_keep)
         next_image = 0
         for start, end, is_image in _runs(mask[0]):
             if not is_image:
@@ -318,7 +323,7 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
                     if chunk_callback is not None:
                         chunk_callback(prefill.position)
                 next_image += 1
-        return DefocusVLMOutput(logits=prefill.logits(), past_key_values=prefill.cache)
+        return DefocusVLMOutput(logits=prefill.logits(), **{CACHE_NAME: prefill.cache})
 
     # ------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_chunk_size=None,
@@ -366,7 +371,7 @@ class _CachePrefill:
         keep = max(end - max(start, self.keep_from), 0)
         out = self.model._run_language_model(embeds, mask, positions, self.cache, use_cache=True,
                                              logits_to_keep=keep or 1)
-        self.cache = self.model._cache_of(out)
+        self.cache = cache_of(out)
         if keep:
             self._logits.append(out.logits[:, -keep:])
         self.position = end

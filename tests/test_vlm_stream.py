@@ -4,6 +4,7 @@ Mamba cache pitfall it works around, the prefill order, batches, errors and the 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from transformers import DynamicCache, MambaForCausalLM
 
 from defocus_vlm.cli import main as cli_main
+from defocus_vlm.compat import CACHE_NAME, cache_argument, cache_of
 from defocus_vlm.llm import tiny_mamba_config
 from defocus_vlm.modeling_vlm import tiny_vlm
 from defocus_vlm.stream_benchmark import run_stream_benchmark
@@ -109,10 +111,26 @@ def test_a_second_turn_streams_into_the_cache_of_the_first(vlm):
     both = torch.cat([first["input_ids"], second["input_ids"]], 1)
     with torch.no_grad():
         reference = model(input_ids=both, pixel_values=torch.cat([first["pixel_values"], second["pixel_values"]]))
-        cache = model(**first, use_cache=True).past_key_values
-        out = model.prefill_image_stream(second["input_ids"], second["pixel_values"], 5, past_key_values=cache,
+        cache = cache_of(model(**first, use_cache=True))
+        out = model.prefill_image_stream(second["input_ids"], second["pixel_values"], 5, cache=cache,
                                          attention_mask=torch.ones_like(both))
     torch.testing.assert_close(out.logits, reference.logits[:, first["input_ids"].shape[1]:], **FP32)
+
+
+def test_the_cache_keeps_its_pre_5_24_name_as_an_alias(vlm):
+    """transformers 5.24 calls the cache ``cache``; ``past_key_values`` (its earlier name) is still accepted."""
+    model, processor = vlm
+    first = inputs_for(processor, ["one<image>ok"], [image(8)])
+    follow = processor.tokenizer(["go"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    mask = torch.ones(1, first["input_ids"].shape[1] + follow.shape[1], dtype=torch.long)
+    with torch.no_grad():
+        out = model(**first, use_cache=True)
+        assert cache_of(out) is not None and out[CACHE_NAME] is cache_of(out)
+        by_new = model(input_ids=follow, attention_mask=mask, cache=copy.deepcopy(cache_of(out))).logits
+        by_old = model(input_ids=follow, attention_mask=mask, past_key_values=copy.deepcopy(cache_of(out))).logits
+        torch.testing.assert_close(by_new, by_old, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="not both"):
+            model(input_ids=follow, cache=cache_of(out), past_key_values=cache_of(out))
 
 
 def test_transformers_mamba_cannot_continue_a_cache_with_several_tokens():
@@ -127,9 +145,9 @@ def test_transformers_mamba_cannot_continue_a_cache_with_several_tokens():
 
         def continued(step: int) -> torch.Tensor:
             cache = DynamicCache(config=lm.config)
-            lm(ids[:, :6], cache_params=cache, use_cache=True)
+            lm(ids[:, :6], **{cache_argument(lm.forward): cache}, use_cache=True)
             for start in range(6, 12, step):
-                logits = lm(ids[:, start:start + step], cache_params=cache, use_cache=True).logits
+                logits = lm(ids[:, start:start + step], **{cache_argument(lm.forward): cache}, use_cache=True).logits
             return logits[:, -1]
 
         assert not torch.allclose(continued(6), reference, atol=1e-3)  # one 6-token continuation: wrong
