@@ -352,6 +352,9 @@ class EpochSampler(Sampler):
                 rank=self.rank,
                 shuffle=True,
                 num_repeats=self.repeats,
+                # timm < 1.0.31 selects 0 samples per epoch from a set smaller than its 256-sample rounding;
+                # no rounding below 256 gives every timm release the same (newer) behaviour.
+                selected_round=256 if self.n >= 256 else 0,
             )
             sampler.set_epoch(self.seed * 100003 + self.epoch)
             return list(sampler)
