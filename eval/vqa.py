@@ -23,7 +23,15 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .vqa_metrics import exact_match, extract_choice, pope_metrics, vqa_accuracy
+from .vqa_metrics import (
+    exact_match,
+    gqa_match,
+    mmbench_choice,
+    pope_metrics,
+    scienceqa_choice,
+    textvqa_accuracy,
+    vqa_accuracy,
+)
 from .vqa_readers import BENCHMARKS, VQASample, build_prompt, get_benchmark, read_benchmark
 
 Answerer = Callable[[Sequence[tuple[Image.Image, str]]], list[str]]
@@ -34,6 +42,12 @@ RUN_FILE = "run.json"  # what produced the predictions: a rerun must match it to
 
 
 # --- metrics of a whole run ----------------------------------------------------------------------
+
+
+_CHOICE_EXTRACTORS: dict[str, Callable[[str, Sequence[str]], str | None]] = {
+    "scienceqa": scienceqa_choice,
+    "mmbench": mmbench_choice,
+}
 
 
 def _mean_percent(values: Sequence[float]) -> float:
@@ -47,16 +61,20 @@ def compute_metrics(benchmark: str, samples: Sequence[VQASample], predictions: d
         raise ValueError(f"no prediction for {len(missing)} question(s), e.g. question_id {missing[0]!r}")
     answers = [predictions[s.question_id] for s in samples]
     out: dict = {"benchmark": benchmark, "samples": len(samples)}
+    # each benchmark is scored as its official scorer does (docs/metrics.md)
     if benchmark in ("vqav2", "textvqa"):
-        out["accuracy"] = _mean_percent([vqa_accuracy(a, s.answers) for a, s in zip(answers, samples)])
+        accuracy = vqa_accuracy if benchmark == "vqav2" else textvqa_accuracy
+        out["accuracy"] = _mean_percent([accuracy(a, s.answers) for a, s in zip(answers, samples)])
     elif benchmark == "pope":
         out.update(pope_metrics(answers, [s.answers[0] for s in samples]))
     elif get_benchmark(benchmark).multiple_choice:
-        letters = [extract_choice(a, s.choices) for a, s in zip(answers, samples)]
+        extract = _CHOICE_EXTRACTORS[benchmark]
+        letters = [extract(a, s.choices) for a, s in zip(answers, samples)]
         out["accuracy"] = _mean_percent([letter == s.answers[0] for letter, s in zip(letters, samples)])
         out["unparsed"] = sum(letter is None for letter in letters)
-    else:  # gqa, easy-vqa
-        out["accuracy"] = _mean_percent([exact_match(a, s.answers[0]) for a, s in zip(answers, samples)])
+    else:
+        match = gqa_match if benchmark == "gqa" else exact_match
+        out["accuracy"] = _mean_percent([match(a, s.answers[0]) for a, s in zip(answers, samples)])
     return out
 
 

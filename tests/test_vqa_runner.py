@@ -95,17 +95,26 @@ def test_compute_metrics_per_benchmark_kind():
     ten = ["2"] * 3 + ["3"] * 7
     vqa = [_sample("a", ten), _sample("b", ten)]
     assert compute_metrics("vqav2", vqa, {"a": "two", "b": "3"})["accuracy"] == pytest.approx(95.0)  # (0.9 + 1) / 2
+    # unanimous answers: VQAv2 compares raw strings, TextVQA normalises both sides
+    unanimous = [_sample("a", ["STOP"] * 10)]
+    assert compute_metrics("vqav2", unanimous, {"a": "stop"})["accuracy"] == 0.0
+    assert compute_metrics("textvqa", unanimous, {"a": "stop"})["accuracy"] == 100.0
 
-    gqa = [_sample("a", ["red"]), _sample("b", ["left"])]
-    assert compute_metrics("gqa", gqa, {"a": "Red.", "b": "right"})["accuracy"] == 50.0
+    gqa = [_sample("a", ["red"]), _sample("b", ["left"]), _sample("c", ["2"])]
+    assert compute_metrics("gqa", gqa, {"a": "Red.", "b": "right", "c": "two"})["accuracy"] == pytest.approx(100 / 3)
 
     pope = [_sample("a", ["yes"]), _sample("b", ["no"]), _sample("c", ["no"])]
     m = compute_metrics("pope", pope, {"a": "Yes", "b": "Yes, there is", "c": "No"})
-    assert (m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]) == pytest.approx((200 / 3, 50, 100, 200 / 3))
+    assert (m["accuracy"], m["precision"], m["recall"]) == pytest.approx((200 / 3, 50, 100))
+    assert (m["predicted_yes_ratio"], m["label_yes_ratio"]) == pytest.approx((200 / 3, 100 / 3))
 
     mc = [_sample("a", ["B"], ["cat", "dog"]), _sample("b", ["A"], ["cat", "dog"]), _sample("c", ["A"], ["x", "y"])]
-    m = compute_metrics("scienceqa", mc, {"a": "(B) dog", "b": "dog", "c": "no idea"})
-    assert m == {"benchmark": "scienceqa", "samples": 3, "accuracy": pytest.approx(100 / 3), "unparsed": 1}
+    answers = {"a": "(B) dog", "b": "cat", "c": "A. x"}
+    # ScienceQA reads letters only ("(B) dog" fails); MMBench also reads "(B)" and option texts
+    m = compute_metrics("scienceqa", mc, answers)
+    assert m == {"benchmark": "scienceqa", "samples": 3, "accuracy": pytest.approx(100 / 3), "unparsed": 2}
+    m = compute_metrics("mmbench", mc, answers)
+    assert m == {"benchmark": "mmbench", "samples": 3, "accuracy": pytest.approx(100.0), "unparsed": 0}
 
     with pytest.raises(ValueError, match="no prediction for 1 question.*'b'"):
-        compute_metrics("gqa", gqa, {"a": "red"})
+        compute_metrics("gqa", gqa[:2], {"a": "red"})
