@@ -181,7 +181,7 @@ class DefocusCLIPModel(DefocusCLIPPreTrainedModel):
             logits_per_text = logits_per_text + bias
         loss = None
         if return_loss:  # this batch only; training gathers features over processes instead
-            from defocus_vlm.training.contrastive import contrastive_loss
+            from .contrastive import contrastive_loss
 
             loss = contrastive_loss(self.config.loss_type, image_embeds, text_embeds, scale, bias)
         out = DefocusCLIPOutput(

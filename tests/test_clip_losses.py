@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from defocus_vlm.training.contrastive import contrastive_loss
 from open_clip.loss import ClipLoss, SigLipLoss
+
+from defocus_vlm.contrastive import contrastive_loss
 
 torch.set_num_threads(1)
 GLOBAL, DIM, WORLD = 8, 6, 2

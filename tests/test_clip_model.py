@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from defocus_vlm.training.contrastive import contrastive_loss
 from transformers import AutoModel, AutoProcessor
 
 from defocus_vlm import (
@@ -21,6 +20,7 @@ from defocus_vlm import (
     DefocusVisionForImageClassification,
     DefocusVisionModel,
 )
+from defocus_vlm.contrastive import contrastive_loss
 from defocus_vlm.modeling_clip import export_image_tower, load_clip, pool_text
 from defocus_vlm.processing_clip import byte_level_tokenizer
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from defocus_vlm.contrastive import LOSSES, contrastive_loss
+
 from .config import FASHION_MNIST_DIR, ConfigError, ImageDataConfig, OptimConfig, TrainConfig
-from .contrastive import LOSSES, contrastive_loss
 from .data import ClassificationDataset, verify_source
 from .loop import StageTask, StepContext, reduce_count, run_stage
 from .pairs import (
