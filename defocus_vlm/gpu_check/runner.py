@@ -56,6 +56,7 @@ def _resolve(runner: str) -> Callable[[SectionContext], None]:
 
 def _child(section: Section, rows_path: str, deadline: float, dry_run: bool, repo: str, facts: dict) -> None:
     os.setpgrp()  # its own process group: stopping the section also stops what it started (compile workers)
+    _allow_recompiles()
     if dry_run:
         import torch
 
@@ -69,6 +70,16 @@ def _child(section: Section, rows_path: str, deadline: float, dry_run: bool, rep
         ctx.emit(f"{section.name}: section error", "runs to the end",
                  Outcome("error", FAIL), error=f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}")
         raise
+
+
+def _allow_recompiles(limit: int = 64) -> None:
+    """A section runs the compiled FlexAttention at many shapes in one process (training sees one):
+    past dynamo's default of 8 recompiles it would silently fall back to unfused eager attention."""
+    import torch._dynamo.config as config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # torch renamed the second to the first
+        if hasattr(config, name):
+            setattr(config, name, max(limit, getattr(config, name)))
 
 
 def _preload() -> None:
