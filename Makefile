@@ -14,7 +14,7 @@ PYTEST_ARGS ?= -q
 LATEST_VENV := .venv-latest
 OLDEST_VENV := .venv-oldest
 
-.PHONY: setup data test demo lint bench clean lock test-latest test-oldest
+.PHONY: setup data test demo lint bench clean lock test-latest test-oldest gpu-check gpu-wheels
 
 setup: $(STAMP) data
 
@@ -64,6 +64,18 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/defocus-vlm bench kernels --device cpu
+
+# The prepared GPU check (benchmarks/gpu/README.md). On the device machine the `run` tool calls
+# benchmarks/gpu/run.sh directly (no make, no venv there); here `make gpu-check DRY_RUN=1` runs the same
+# script end to end on CPU. gpu-wheels downloads / builds what the device machine lacks into .whl/.
+DRY_RUN ?= 0
+GPU_CHECK_OUT ?= outputs/gpu-check
+gpu-check: $(if $(filter 1,$(DRY_RUN)),$(STAMP))
+	DRY_RUN=$(DRY_RUN) OUT=$(abspath $(GPU_CHECK_OUT)) PYTHON=$(if $(filter 1,$(DRY_RUN)),$(PY),python3) \
+		benchmarks/gpu/run.sh
+
+gpu-wheels:
+	benchmarks/gpu/prepare_wheels.sh
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -19,13 +19,14 @@ SMALL_PRESETS = ["defocus_vit_small", "defocus_retnet_small", "defocus_mamba_sma
                  "causal_vit_small", "causal_mamba_small", "vit_small"]
 
 
-def build(name: str, img_size: int) -> torch.nn.Module:
+def build(name: str, img_size: int, **overrides) -> torch.nn.Module:
+    """A timm model (``timm:NAME``) or a preset's encoder; ``overrides`` change preset fields."""
     if name.startswith("timm:"):
         import timm
 
-        return timm.create_model(name[5:], pretrained=False, img_size=img_size)
+        return timm.create_model(name[5:], pretrained=False, img_size=img_size, **overrides)
     values = {k: v for k, v in get_preset(name).items() if k in EncoderConfig.field_names()}
-    return DefocusEncoder(EncoderConfig(**values, img_size=img_size))
+    return DefocusEncoder(EncoderConfig(**(values | overrides), img_size=img_size))
 
 
 @contextlib.contextmanager

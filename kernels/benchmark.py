@@ -76,21 +76,22 @@ def time_call(fn: Callable[[], torch.Tensor], backward: bool, device: torch.devi
     return statistics.median(times), mem
 
 
-def _inputs(op: str, width: int, length: int, device: torch.device, dtype: torch.dtype, grad: bool):
+def _inputs(op: str, width: int, length: int, device: torch.device, dtype: torch.dtype, grad: bool,
+            batch: int = 1):
     g = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_(grad)  # noqa: E731
     heads = width // 64
     if op in ("attention", "retention"):
-        q, k, v = r(1, heads, length, 64), r(1, heads, length, 64), r(1, heads, length, 64)
+        q, k, v = r(batch, heads, length, 64), r(batch, heads, length, 64), r(batch, heads, length, 64)
         lam = torch.log(1 - 2.0 ** (-5 - torch.arange(heads, dtype=torch.float32))).to(device).requires_grad_(grad)
         return q, k, v, lam
     inner = 2 * width
     if op == "selective_scan":
-        u = r(1, inner, length)
-        delta = (torch.rand(1, inner, length, generator=g) * 0.1).to(device, dtype).requires_grad_(grad)
+        u = r(batch, inner, length)
+        delta = (torch.rand(batch, inner, length, generator=g) * 0.1).to(device, dtype).requires_grad_(grad)
         a = (-torch.arange(1, 17, dtype=torch.float32).repeat(inner, 1)).to(device).requires_grad_(grad)
-        return u, delta, a, r(1, 16, length), r(1, 16, length)
-    return r(1, inner, length), r(inner, 4), r(inner)
+        return u, delta, a, r(batch, 16, length), r(batch, 16, length)
+    return r(batch, inner, length), r(inner, 4), r(inner)
 
 
 def _op_calls(op: str, args, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:

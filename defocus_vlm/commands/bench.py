@@ -1,7 +1,9 @@
 """Benchmarks with JSON output. ``kernels``: every backend of every op, forward and
 forward+backward, at several lengths and widths. ``encoders``: images/s and memory of every
 Small preset next to timm's deit_small_patch16_224, plus the streaming step time. ``stream``: the
-VLM's time to first token after an image's last patch, streaming prefill vs one shot."""
+VLM's time to first token after an image's last patch, streaming prefill vs one shot. ``gpu``: the
+prepared GPU check (correctness, kernel speed, training throughput, streaming; one JSON and a
+Markdown table; see benchmarks/gpu/README.md), or its CPU dry run with ``--dry-run``."""
 
 from __future__ import annotations
 
@@ -44,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--vision-depth", type=int, default=4, help="encoder blocks (keeps the CPU default quick)")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--out", default=None, help="write the JSON here too")
+    g = sub.add_parser("gpu", help="the GPU check: correctness, kernel speed, training img/s, streaming")
+    g.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and the rows")
+    g.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; CUDA-only rows are skipped")
+    g.add_argument("--sections", nargs="+", default=None,
+                   help="run only these (env cuda_tests correctness speed training streaming)")
+    g.add_argument("--total-seconds", type=float, default=None, help="wall-time budget of the whole check")
+    g.add_argument("--repo", default=None, help="the source tree (its tests/); default: where the package lives")
 
 
 def _emit(result: dict, out: str | None) -> None:
@@ -56,6 +65,8 @@ def _emit(result: dict, out: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "gpu":
+        return _run_gpu_check(args)
     if args.device == "cuda":
         import torch
 
@@ -79,3 +90,22 @@ def run(args: argparse.Namespace) -> int:
                                         args.stream_positions, progress, args.compare_reference)
     _emit(result, args.out)
     return 0
+
+
+def _run_gpu_check(args: argparse.Namespace) -> int:
+    """Exit 0 when the check ran to its end (its rows say what passed), 1 if a section was stopped."""
+    from defocus_vlm.gpu_check.report import markdown
+    from defocus_vlm.gpu_check.runner import DEFAULT_TOTAL_SECONDS, run_gpu_check
+
+    total = args.total_seconds if args.total_seconds is not None else DEFAULT_TOTAL_SECONDS
+    doc = run_gpu_check(Path(args.out), args.dry_run, args.sections, total, args.repo)
+    print(markdown(doc))
+    # last, so that a short tail of the output still says what failed
+    for row in doc["rows"]:
+        if row["status"] == "fail":
+            print(f"FAIL {row['section']}: {row['check']}: {row['value']}"
+                  + (f" ({row['error'].strip().splitlines()[-1][:200]})" if row["error"] else ""))
+    c = doc["summary"]
+    print(f"gpu check: {c['pass']} pass, {c['fail']} fail, {c['info']} info, {c['skipped']} skipped in "
+          f"{doc['wall_s']:.0f} s; {Path(args.out) / 'gpu_check.json'}")
+    return 0 if doc["complete"] and all(s["exit"] == "ok" for s in doc["sections"]) else 1
