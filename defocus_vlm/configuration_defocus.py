@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields
+from numbers import Integral, Real
+
 from transformers import PretrainedConfig
 
 from defocus_vlm.encoders.config import EncoderConfig
@@ -9,6 +13,35 @@ from defocus_vlm.encoders.presets import get_preset, list_presets
 
 HEAD_TYPES = ("linear", "mlp")
 AUX_LOSSES = ("pooled", "token", "none")
+# annotation of an EncoderConfig field -> (accepted types, the type named in the message). A config.json
+# edited by hand ("embed_dim": "32") must fail here, not as an odd TypeError deep in validation.
+_FIELD_TYPES = {
+    "int": ((Integral,), "an integer"),
+    "float": ((Real,), "a number"),
+    "float | None": ((Real, type(None)), "a number or null"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
+
+
+def check_field_types(values: Mapping) -> None:
+    """Raise one ValueError naming the first encoder field whose value has the wrong JSON type."""
+    for field in fields(EncoderConfig):
+        annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        if field.name not in values or annotation not in _FIELD_TYPES:
+            continue
+        value = values[field.name]
+        types, words = _FIELD_TYPES[annotation]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # bool is an int
+            raise ValueError(f"{field.name} must be {words}, got {value!r} ({type(value).__name__})")
+
+
+def check_label_maps(values: Mapping) -> None:
+    """id2label / label2id must be JSON objects; a list would fail inside transformers with an AttributeError."""
+    for key, example in (("id2label", '{"0": "cat"}'), ("label2id", '{"cat": 0}')):
+        value = values.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f"{key} must be a mapping like {example}, got a {type(value).__name__}: {value!r:.80}")
 
 
 class DefocusVisionConfig(PretrainedConfig):
@@ -39,6 +72,10 @@ class DefocusVisionConfig(PretrainedConfig):
         values.pop("head_type", None)
         names = EncoderConfig.field_names()
         values.update({k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        check_field_types(values)
+        check_label_maps(kwargs)
+        if not isinstance(head_hidden_mult, Integral) or isinstance(head_hidden_mult, bool):
+            raise ValueError(f"head_hidden_mult must be an integer, got {head_hidden_mult!r}")
         encoder = EncoderConfig.from_dict(values)  # validates; raises one clear error
         for key, value in encoder.to_dict().items():
             setattr(self, key, value)

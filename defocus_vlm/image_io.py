@@ -19,6 +19,8 @@ class ImageError(ValueError):
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory, expected an image file")
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
     try:
@@ -32,7 +34,16 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"cannot read image {path}: {err}") from err
 
 
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
+# Integer formats with a fixed range: a value is read against the range of its format, never against the
+# image's own peak (a dark 16-bit scan stays dark, a 0/1 mask stays near black), as torchvision scales them.
+_INT_RANGES = {("u", 1): 255, ("u", 2): 65535}  # (dtype kind, bytes) -> range, any byte order
+FLOAT_TOLERANCE = 1e-3  # float images may overshoot [0, 1] by rounding; more than this is refused
+
+
+def _array_to_pil(arr: np.ndarray, int_range: int | None = None) -> Image.Image:
+    """HxW, HxWxC or CxHxW array -> 8-bit PIL image. uint8 is taken as is, uint16 scaled from 0..65535,
+    bool as 0/255, floats from [0, 1]; other integer types must hold 8-bit values (0..255), unless
+    ``int_range`` gives their format's range (PIL's 32-bit "I" mode holds 16-bit data)."""
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -41,11 +52,25 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
         raise ImageError(f"an image array must be HxW, HxWx{{1,3,4}} or CxHxW, got shape {arr.shape}")
     if arr.dtype == np.uint8:
         return Image.fromarray(arr)
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        raise ImageError("image array contains NaN or infinite values")
-    peak = arr.max() if arr.size else 1.0
-    scale = 1.0 if peak <= 1.0 else 255.0 if peak <= 255.0 else 65535.0
+    if arr.dtype == np.bool_:
+        return Image.fromarray(arr.astype(np.uint8) * 255)
+    if np.issubdtype(arr.dtype, np.integer):
+        scale = int_range or _INT_RANGES.get((arr.dtype.kind, arr.dtype.itemsize), 255)
+        low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if low < 0 or high > scale:
+            raise ImageError(f"{arr.dtype} image values must lie in 0..{scale}, got {low}..{high} "
+                             f"(use uint8 for 8-bit, uint16 for 16-bit data, or floats in [0, 1])")
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageError("image array contains NaN or infinite values")
+        low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
+            raise ImageError(f"float image values must lie in [0, 1], got {low:g}..{high:g} "
+                             f"(divide 8-bit data by 255 and 16-bit data by 65535 first)")
+        scale = 1.0
+    else:
+        raise ImageError(f"unsupported image array type {arr.dtype}")
     return Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
@@ -64,7 +89,8 @@ def to_pil(image, channels: int = 3) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise ImageError(f"expected a PIL image, array, tensor or path, got {type(image).__name__}")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        image = _array_to_pil(np.asarray(image))
+        # "I" (32-bit) is how Pillow hands over 16-bit PNG/TIFF data, so it is read against 0..65535 too
+        image = _array_to_pil(np.asarray(image), int_range=65535)
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -81,13 +81,12 @@ def evaluate(
 
 
 def _model_dirs(model_dir: Path) -> dict[str, Path]:
-    """The exported model, plus ``raw/`` beside it when training kept an EMA (main = EMA)."""
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no model at {model_dir}: config.json missing (expected an exported HF directory)"
-        )
+    """The exported model, plus ``raw/`` beside it when training kept an EMA (main = EMA), both checked."""
+    from defocus_vlm.user_files import check_model_dir
+
+    check_model_dir(model_dir, "defocus_vision")
     if (model_dir / "raw" / "config.json").is_file():
-        return {"ema": model_dir, "raw": model_dir / "raw"}
+        return {"ema": model_dir, "raw": check_model_dir(model_dir / "raw", "defocus_vision")}
     return {"model": model_dir}
 
 

@@ -104,10 +104,12 @@ def run_retrieval_eval(model_dir: str | Path, data: str, source: str = "auto", s
     from transformers import AutoProcessor
 
     from defocus_vlm.modeling_clip import load_clip
+    from defocus_vlm.user_files import check_model_dir
 
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    model = load_clip(model_dir).eval()  # checks the model before any data is read
+    check_model_dir(model_dir, "defocus_clip")  # before any data is read
+    model = load_clip(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     pairs = open_pairs(source, data, split, image_column, caption_column, sample_templates=False)
 

@@ -83,7 +83,9 @@ def compute_metrics(benchmark: str, samples: Sequence[VQASample], predictions: d
 
 def read_predictions(path: Path) -> dict[str, str]:
     """question_id -> prediction from a JSONL written by :func:`run_vqa_eval`. A last line cut off by
-    an interrupted run is dropped (and removed from the file); any other bad line is an error."""
+    an interrupted run is dropped (and removed from the file); a complete last record that lacks only
+    its newline gets one, so the next appended record starts on a line of its own. Any other bad line
+    is an error."""
     if not path.is_file():
         return {}
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -95,11 +97,14 @@ def read_predictions(path: Path) -> dict[str, str]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             if line_no == len(lines) and not line.endswith("\n"):
                 path.write_text("".join(lines[:-1]), encoding="utf-8")
-                break
+                return predictions
             raise ValueError(
                 f"{path}: line {line_no} is not a prediction record "
                 f'(expected {{"question_id": ..., "prediction": ...}}): {err}'
             ) from err
+    if lines and not lines[-1].endswith("\n"):
+        with path.open("a", encoding="utf-8") as out:
+            out.write("\n")
     return predictions
 
 
@@ -196,10 +201,9 @@ class VLMAnswerer:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         import defocus_vlm  # noqa: F401 - registers the Auto classes
+        from defocus_vlm.user_files import check_model_dir
 
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"no model at {model_dir}: config.json missing (expected an exported VLM folder)")
+        model_dir = check_model_dir(model_dir, "defocus_vlm")
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

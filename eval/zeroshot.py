@@ -115,12 +115,14 @@ def run_zeroshot_eval(model_dir: str | Path, data: str | Path, classnames: str, 
     from transformers import AutoProcessor
 
     from defocus_vlm.modeling_clip import load_clip
+    from defocus_vlm.user_files import check_model_dir
 
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
     names = load_classnames(classnames)
     prompts = load_templates(templates, classnames)
-    model = load_clip(model_dir).eval()  # checks the model before any data is read
+    check_model_dir(model_dir, "defocus_clip")  # before any data is read
+    model = load_clip(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     src = open_source(source, data, split, image_column, label_column)
     if len(src.classes) != len(names):

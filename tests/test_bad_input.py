@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -220,8 +224,8 @@ def test_processor_refuses_unreadable_files(processor, tmp_path):
         processor(str(broken))
     with pytest.raises(ImageError, match="image not found"):
         processor(tmp_path / "missing.jpg")
-    with pytest.raises(ImageError, match="image not found"):
-        processor(str(tmp_path))  # a directory
+    with pytest.raises(ImageError, match=f"^{tmp_path} is a directory, expected an image file$"):
+        processor(str(tmp_path))  # exists, but is not an image
     assert issubclass(ImageError, ValueError)
     good = tmp_path / "ok.png"
     Image.new("RGB", (20, 20), (10, 100, 200)).save(good)
@@ -251,3 +255,152 @@ def test_processor_bad_settings():
         DefocusImageProcessor(crop_pct=0.0)
     with pytest.raises(ValueError, match="no images"):
         DefocusImageProcessor()([])
+
+
+# ----------------------------------------------------------------------------- 16-bit and integer images
+def grey_level(image) -> int:
+    """The 8-bit grey level to_pil gives a constant image."""
+    out = np.asarray(to_pil(image, channels=1))
+    assert (out == out.flat[0]).all()
+    return int(out.flat[0])
+
+
+def test_16_bit_images_are_read_against_65535_not_their_own_peak(tmp_path):
+    dark = np.full((6, 6), 200, np.uint16)  # 0.3% of the 16-bit range: near black, whatever its peak
+    mask = np.tile(np.array([0, 1], np.uint16), (6, 3))
+    assert grey_level(Image.fromarray(dark)) == 1 and grey_level(dark) == 1  # the peak rule gave 200
+    assert np.asarray(to_pil(Image.fromarray(mask), 1)).max() == 0  # the peak rule gave a 0/255 mask
+    assert grey_level(np.full((6, 6), 32768, np.uint16).astype(">u2")) == 128  # big-endian data too
+    Image.fromarray(dark).save(tmp_path / "dark16.png")  # through a file, as `classify` reads it
+    assert grey_level(str(tmp_path / "dark16.png")) == 1
+    as_int32 = Image.fromarray(np.full((6, 6), 65535, np.int32), "I")  # Pillow's 32-bit mode holding 16-bit data
+    assert grey_level(as_int32) == 255
+    assert grey_level(np.full((6, 6), True)) == 255 and grey_level(np.full((6, 6), 200, np.int64)) == 200
+
+
+@pytest.mark.parametrize(
+    "array, words",
+    [
+        (np.full((6, 6), 200.0), ["float image values must lie in [0, 1], got 200..200", "divide 8-bit data by 255"]),
+        (np.full((6, 6), -0.5, np.float32), ["[0, 1], got -0.5..-0.5"]),
+        (np.full((6, 6), 300, np.int32), ["int32 image values must lie in 0..255, got 300..300", "uint16"]),
+        (np.full((6, 6), -1, np.int16), ["int16 image values must lie in 0..255, got -1..-1"]),
+    ],
+    ids=["float-0-255", "normalised", "int32-over-255", "negative"],
+)
+def test_out_of_range_arrays_are_refused(array, words):
+    with pytest.raises(ImageError) as err:
+        to_pil(array)  # each was scaled by a guess before (by its peak, or clipped)
+    for word in words:
+        assert word in str(err.value), f"{word!r} not in {err.value}"
+
+
+# ----------------------------------------------------------------------------- CSV captions
+def test_csv_captions_with_unquoted_commas_are_refused_naming_the_line(tmp_path):
+    from defocus_vlm.training.data import DataError
+    from defocus_vlm.training.pairs import TablePairs
+
+    good = tmp_path / "good.csv"
+    good.write_text('image,caption\na.png,"a cat, sitting"\n\nb.png,"two\nlines"\n')
+    assert [caption for _, caption in TablePairs(good).items] == ["a cat, sitting", "two\nlines"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text('image,caption\na.png,"a cat, sitting"\nb.png,a dog, running\n')
+    with pytest.raises(DataError) as err:  # was read as the caption "a dog"
+        TablePairs(bad)
+    assert str(err.value) == (f"{bad} line 3: 3 fields, but the header has 2 (['image', 'caption']); "
+                              'put a caption that contains commas in double quotes: "a cat, sitting"')
+    short = tmp_path / "short.csv"
+    short.write_text("image,caption\na.png\n")
+    with pytest.raises(DataError, match=re.escape(f"{short} line 2: 1 fields, but the header has 2")):
+        TablePairs(short)
+
+
+# ----------------------------------------------------------------------------- the CLI: one line per bad input
+def cli_error(argv: list[str], capsys) -> str:
+    """Run the CLI; it must exit 2 with exactly one error line and no traceback. Returns that line."""
+    from defocus_vlm.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("defocus-vlm ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("classifier")
+    DefocusVisionForImageClassification(tiny_config("defocus_vit_tiny", num_labels=3)).save_pretrained(path)
+    DefocusImageProcessor(size=16).save_pretrained(path)
+    return path
+
+
+def broken_copy(source, target, change) -> str:
+    shutil.copytree(source, target)
+    change(target)
+    return str(target)
+
+
+def _edit_config(**values):
+    def change(model_dir):
+        config = json.loads((model_dir / "config.json").read_text())
+        config.update(values)
+        (model_dir / "config.json").write_text(json.dumps(config))
+
+    return change
+
+
+def _truncate(model_dir):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: (d / "model.safetensors").unlink(),
+         "{dir} has config.json but no weights: expected model.safetensors"),
+        (_truncate, "{dir}/model.safetensors is not a complete safetensors file ("),
+        (_edit_config(embed_dim="32"), "{dir}/config.json: embed_dim must be an integer, got '32' (str)"),
+        (_edit_config(id2label=["a", "b", "c"]),
+         "{dir}/config.json: id2label must be a mapping like {{\"0\": \"cat\"}}, got a list"),
+        (_edit_config(model_type="defocus_clip"),
+         "{dir}/config.json: this is a CLIP model (model_type 'defocus_clip'), expected a vision encoder or image "
+         "classifier (model_type 'defocus_vision')"),
+        (lambda d: (d / "config.json").write_bytes(b"{\"model_type\": \"defocus_vision\",\n  \"x\": 1,,}"),
+         "{dir}/config.json is not valid JSON (Expecting property name"),
+    ],
+    ids=["no-weights", "truncated", "embed-dim-string", "id2label-list", "wrong-model-type", "bad-json"],
+)
+def test_classify_reports_a_broken_model_directory_in_one_line(classifier_dir, tmp_path, capsys, change, message):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 20)).save(image)
+    model = broken_copy(classifier_dir, tmp_path / "model", change)
+    line = cli_error(["classify", "--model", model, str(image)], capsys)
+    assert line.startswith("defocus-vlm classify: error: " + message.format(dir=model)), line
+
+
+def test_chat_refuses_a_classifier_and_a_directory_as_image(classifier_dir, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (20, 20)).save(image)
+    line = cli_error(["chat", "--model", str(classifier_dir), "--image", str(image), "hi"], capsys)
+    assert line == (f"defocus-vlm chat: error: {classifier_dir}/config.json: this is a vision encoder or image "
+                    f"classifier (model_type 'defocus_vision'), expected a vision-language model "
+                    f"(model_type 'defocus_vlm')")
+    line = cli_error(["chat", "--model", str(classifier_dir), "--image", str(tmp_path), "hi"], capsys)
+    assert line == f"defocus-vlm chat: error: {tmp_path} is a directory, expected an image file"
+
+
+def test_latin1_csv_is_named_in_one_line(tmp_path, capsys):
+    from test_clip_model import _clip, _processor
+
+    _clip().save_pretrained(tmp_path / "clip")
+    _processor().save_pretrained(tmp_path / "clip")
+    Image.new("L", (16, 16)).save(tmp_path / "a.png")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes("image,caption\na.png,un caf\xe9 noir\n".encode("latin-1"))
+    line = cli_error(["eval", "retrieval", "--model", str(tmp_path / "clip"), "--data", str(pairs)], capsys)
+    assert line == (f"defocus-vlm eval: error: {pairs} is not UTF-8 text (byte 0xe9 on line 2): expected a CSV "
+                    f"file with a header row in UTF-8; re-save it as UTF-8")

@@ -52,7 +52,7 @@ def test_csv_and_jsonl_pairs_with_relative_paths(tmp_path):
     with pytest.raises(DataError, match="no column 'caption'.*data.caption_column"):
         open_pairs("jsonl", tmp_path / "pairs.jsonl", image_column="file")
     (tmp_path / "empty_caption.csv").write_text("image,caption\nimg/0.png,  \n")
-    with pytest.raises(DataError, match="row 1: the caption must be a non-empty string"):
+    with pytest.raises(DataError, match="empty_caption.csv line 2: the caption must be a non-empty string"):
         open_pairs("csv", tmp_path / "empty_caption.csv")
     (tmp_path / "bad.jsonl").write_text("{not json}\n")
     with pytest.raises(DataError, match="line 1: not valid JSON"):

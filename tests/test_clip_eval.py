@@ -84,6 +84,6 @@ def test_cli_reports_bad_models_in_one_line(tmp_path, capsys):
     DefocusVisionModel(tiny_config("defocus_vit_small")).save_pretrained(tmp_path / "vision")
     args = ["--data", "/usr/share/datasets/fashion-mnist", "--classnames", "fashion-mnist"]
     assert main(["eval", "zeroshot", "--model", str(tmp_path / "vision"), *args]) == 2
-    assert "expected a 'defocus_clip' (CLIP) model" in capsys.readouterr().err
+    assert "expected a CLIP model (model_type 'defocus_clip')" in capsys.readouterr().err
     assert main(["eval", "retrieval", "--model", str(tmp_path / "missing"), "--data", "easy-vqa"]) == 2
     assert "config.json missing" in capsys.readouterr().err

@@ -74,6 +74,24 @@ def test_interrupted_run_resumes(tmp_path):
     assert idle.batch_sizes == []
 
 
+def test_resume_after_a_last_record_without_its_newline(tmp_path):
+    samples = _samples(tmp_path, n=10)
+    reference = run_vqa_eval(FakeAnswerer(), samples, "easy-vqa", tmp_path / "ref", batch_size=4, progress=False)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_vqa_eval(FakeAnswerer(fail_on_call=1), samples, "easy-vqa", out, batch_size=4, progress=False)
+    path = out / "predictions.jsonl"
+    path.write_text(path.read_text().rstrip("\n"))  # the last record is whole; only its newline is lost
+    resumed = FakeAnswerer()
+    assert run_vqa_eval(resumed, samples, "easy-vqa", out, batch_size=4, progress=False) == reference
+    assert resumed.batch_sizes == [4, 2]  # the four whole records were kept
+    lines = path.read_text().splitlines()
+    assert len(lines) == 10 and [json.loads(line)["question_id"] for line in lines][3:5] == ["q3", "q4"]
+    idle = FakeAnswerer()  # the rerun reads the file it left (a glued line 4 made it fail)
+    assert run_vqa_eval(idle, samples, "easy-vqa", out, batch_size=4, progress=False) == reference
+    assert idle.batch_sizes == []
+
+
 def test_bad_predictions_file_and_answerer(tmp_path):
     samples = _samples(tmp_path, n=3)
     (tmp_path / "predictions.jsonl").write_text('{"question_id": "q0", "prediction": "red"}\nnot json\n{}\n')

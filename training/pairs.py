@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from defocus_vlm.image_io import ImageError, load_image
+from defocus_vlm.user_files import read_text
 
 from .data import ClassificationDataset, DataError, detect_source, open_source
 
@@ -170,12 +171,11 @@ class TablePairs:
         if not rows:
             raise DataError(f"{path} holds no rows")
         for col in (image_column, caption_column):
-            if col not in rows[0]:
-                raise DataError(f"{path}: no column {col!r}; columns are {sorted(rows[0])} "
+            if col not in rows[0][1]:
+                raise DataError(f"{path}: no column {col!r}; columns are {sorted(rows[0][1])} "
                                 f"(set data.image_column / data.caption_column)")
         self.items = []
-        for n, row in enumerate(rows):
-            where = f"{path} row {n + 1}"
+        for where, row in rows:
             image = row.get(image_column)
             if not isinstance(image, str) or not image:
                 raise DataError(f"{where}: the image path must be a non-empty string, got {image!r}")
@@ -183,10 +183,11 @@ class TablePairs:
         self.classes = None
 
     @staticmethod
-    def _read(path: Path) -> list[dict]:
-        text = path.read_text(encoding="utf-8")
+    def _read(path: Path) -> list[tuple[str, dict]]:
+        """(where, row) per record; ``where`` names the file and line for messages."""
         if path.suffix.lower() == ".csv":
-            return list(csv.DictReader(io.StringIO(text)))
+            return TablePairs._read_csv(path)
+        text = read_text(path, "a JSONL file of image-caption objects")
         rows = []
         for n, line in enumerate(text.splitlines()):
             if line.strip():
@@ -196,7 +197,26 @@ class TablePairs:
                     raise DataError(f"{path} line {n + 1}: not valid JSON: {err}") from err
                 if not isinstance(row, dict):
                     raise DataError(f"{path} line {n + 1}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
+                rows.append((f"{path} line {n + 1}", row))
+        return rows
+
+    @staticmethod
+    def _read_csv(path: Path) -> list[tuple[str, dict]]:
+        # Every field of every row is read: a row with more fields than the header (an unquoted comma in
+        # a caption) is refused, where csv.DictReader would keep the first piece and drop the rest.
+        reader = csv.reader(io.StringIO(read_text(path, "a CSV file with a header row"), newline=""))
+        header = next(reader, None)
+        if not header:
+            return []
+        rows = []
+        for fields in reader:
+            if not fields:  # a blank line
+                continue
+            where = f"{path} line {reader.line_num}"
+            if len(fields) != len(header):
+                raise DataError(f"{where}: {len(fields)} fields, but the header has {len(header)} ({header}); "
+                                f'put a caption that contains commas in double quotes: "a cat, sitting"')
+            rows.append((where, dict(zip(header, fields))))
         return rows
 
     def __len__(self) -> int:

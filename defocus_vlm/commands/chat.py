@@ -18,8 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
-def reply(answerer, messages: list[dict], image, max_new_tokens: int, out=sys.stdout) -> str:
-    """Generate the assistant's next turn for ``messages``, printing tokens as they come."""
+def reply(answerer, messages: list[dict], image, max_new_tokens: int, out=None) -> str:
+    """Generate the assistant's next turn for ``messages``, printing tokens as they come (to ``out``,
+    default: the sys.stdout of the moment, not the one at import time, which may be closed since)."""
+    out = out or sys.stdout
     import torch
     from transformers import TextStreamer
 

@@ -35,13 +35,11 @@ def run(args: argparse.Namespace) -> int:
 
     import defocus_vlm  # noqa: F401 - registers the Auto classes
     from defocus_vlm.image_io import ImageError, load_image
+    from defocus_vlm.user_files import check_model_dir
 
     if args.top_k <= 0:
         raise ValueError(f"--top-k must be positive, got {args.top_k}")
-    from pathlib import Path
-
-    if not (Path(args.model) / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {args.model}: config.json missing")
+    check_model_dir(args.model, "defocus_vision")
     model = AutoModelForImageClassification.from_pretrained(args.model).eval()
     processor = AutoImageProcessor.from_pretrained(args.model)
     names = class_names(model.config)
