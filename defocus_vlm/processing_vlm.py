@@ -13,10 +13,11 @@ from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
 from .configuration_vlm import DefocusVLMConfig, num_image_tokens
+from .constants import IMAGE_TOKEN
 from .image_io import load_image
 from .image_processing_defocus import DefocusImageProcessor
 
-DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_IMAGE_TOKEN = IMAGE_TOKEN
 
 
 def chatml_template(image_token: str = DEFAULT_IMAGE_TOKEN) -> str:

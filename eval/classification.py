@@ -102,10 +102,10 @@ def run_classification_eval(
     limit: int = 0,
     on_corrupt: str = "skip",
 ) -> dict:
-    from defocus_vlm.training.data import ClassificationDataset, open_source
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     import defocus_vlm  # noqa: F401 - registers the Auto classes
+    from defocus_vlm.data.classification import ClassificationDataset, open_source
 
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")

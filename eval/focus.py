@@ -282,9 +282,8 @@ def _preset_overrides(spec: str, text: str) -> dict:
 def random_model(spec: str) -> FocusModel:
     """``PRESET`` or ``PRESET:key=value,...`` with seeded random weights and a 10-class head (the
     Fashion-MNIST classes, so ``fashion-mnist:N`` images keep their labels)."""
-    from defocus_vlm.training.data import FASHION_MNIST_CLASSES
-
     from defocus_vlm import DefocusVisionConfig, DefocusVisionForImageClassification
+    from defocus_vlm.data.classification import FASHION_MNIST_CLASSES
 
     preset, _, tail = spec.partition(":")
     id2label = dict(enumerate(FASHION_MNIST_CLASSES))
@@ -335,8 +334,7 @@ def load_model(spec: str | Path | nn.Module, name: str | None = None) -> FocusMo
 
 @functools.cache
 def _fashion_mnist_test():
-    from defocus_vlm.training.config import FASHION_MNIST_DIR
-    from defocus_vlm.training.data import IdxSource
+    from defocus_vlm.data.classification import FASHION_MNIST_DIR, IdxSource
 
     return IdxSource(FASHION_MNIST_DIR, "val")
 

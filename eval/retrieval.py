@@ -66,7 +66,7 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, pos
 def evaluate_retrieval(model, dataset, tokenizer, max_length: int, device: torch.device | str = "cpu",
                        dtype: torch.dtype | None = None, batch_size: int = 256, num_workers: int = 0,
                        ks: Sequence[int] = (1, 5, 10)) -> dict:
-    """Retrieval recall on a :class:`~defocus_vlm.training.pairs.PairDataset`; each distinct caption is
+    """Retrieval recall on a :class:`~defocus_vlm.data.pairs.PairDataset`; each distinct caption is
     encoded once (truncated to ``max_length`` tokens)."""
     keys = [dataset.source.where(i) for i in range(len(dataset))]
     was_training = model.training
@@ -100,9 +100,9 @@ def _pixels_and_captions(items: list) -> tuple[torch.Tensor, list[str]]:
 def run_retrieval_eval(model_dir: str | Path, data: str, source: str = "auto", split: str = "test",
                        batch_size: int = 256, num_workers: int = 0, image_column: str = "image",
                        caption_column: str = "caption", limit: int = 0) -> dict:
-    from defocus_vlm.training.pairs import PairDataset, open_pairs
     from transformers import AutoProcessor
 
+    from defocus_vlm.data.pairs import PairDataset, open_pairs
     from defocus_vlm.modeling_clip import load_clip
     from defocus_vlm.user_files import check_model_dir
 
@@ -124,7 +124,7 @@ def run_retrieval_eval(model_dir: str | Path, data: str, source: str = "auto", s
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    from defocus_vlm.training.pairs import PAIR_SOURCES
+    from defocus_vlm.data.pairs import PAIR_SOURCES
 
     parser.add_argument("--model", required=True, help="saved CLIP directory (e.g. runs/clip/model)")
     parser.add_argument("--data", required=True, help="pairs: a .csv / .jsonl file, tar shards, a datasets "

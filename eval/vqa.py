@@ -3,7 +3,7 @@
 CLI: ``defocus-vlm eval vqa --model DIR --benchmark NAME [--data PATH] [--split S] [--batch-size N]
 [--limit N] [--output-dir DIR]``. Benchmarks: easy-vqa (the ``easy-vqa`` package, or a LLaVA-JSON export
 as --data), vqav2, textvqa, gqa, pope, scienceqa, mmbench (file layouts in
-:mod:`defocus_vlm.eval.vqa_readers`). Writes ``predictions.jsonl`` and ``metrics.json`` to the output
+:mod:`defocus_vlm.data.vqa`). Writes ``predictions.jsonl`` and ``metrics.json`` to the output
 folder and prints the metrics; rerunning with the same folder only answers the questions not yet there.
 
 The runner only needs an *answerer*: a function from a batch of (image, prompt) pairs to answers.
@@ -23,6 +23,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from defocus_vlm.data.vqa import BENCHMARKS, VQASample, build_prompt, get_benchmark, read_benchmark
+
 from .vqa_metrics import (
     exact_match,
     gqa_match,
@@ -32,7 +34,6 @@ from .vqa_metrics import (
     textvqa_accuracy,
     vqa_accuracy,
 )
-from .vqa_readers import BENCHMARKS, VQASample, build_prompt, get_benchmark, read_benchmark
 
 Answerer = Callable[[Sequence[tuple[Image.Image, str]]], list[str]]
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from defocus_vlm.data.vqa import choice_letters
+
 # --- VQA answer normalisation (GT-Vision-Lab/VQA vqaEval.py) ------------------------------------
 
 _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # the apostrophe is kept for contractions, the period below
@@ -293,13 +295,7 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 
 # --- multiple choice -----------------------------------------------------------------------------
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-
-def choice_letters(num_choices: int) -> str:
-    if not 1 <= num_choices <= len(LETTERS):
-        raise ValueError(f"expected 1 to {len(LETTERS)} choices, got {num_choices}")
-    return LETTERS[:num_choices]
 
 
 # Official quirk: LLaVA's ScienceQA script only knows the options A-E (its --options default).

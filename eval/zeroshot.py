@@ -44,7 +44,7 @@ def _lines(path: str | Path, what: str) -> list[str]:
 
 def load_classnames(spec: str) -> list[str]:
     """``fashion-mnist``, ``imagenet`` or a file with one class name per line (in label order)."""
-    from defocus_vlm.training.pairs import FASHION_MNIST_NAMES
+    from defocus_vlm.data.pairs import FASHION_MNIST_NAMES
 
     key = spec.lower().replace("_", "-")
     if key == "fashion-mnist":
@@ -57,7 +57,7 @@ def load_classnames(spec: str) -> list[str]:
 def load_templates(spec: str | None, classnames: str) -> list[str]:
     """A file (one template per line), or the built-in set for the class names: Fashion-MNIST's
     caption templates, generic photo templates otherwise."""
-    from defocus_vlm.training.pairs import FASHION_TEMPLATES, check_templates
+    from defocus_vlm.data.pairs import FASHION_TEMPLATES, check_templates
 
     if spec is not None:
         return check_templates(_lines(spec, "templates"), str(spec))
@@ -111,9 +111,9 @@ def evaluate_zeroshot(model, tokenizer, dataset, classnames: Sequence[str], temp
 def run_zeroshot_eval(model_dir: str | Path, data: str | Path, classnames: str, templates: str | None = None,
                       split: str = "val", batch_size: int = 256, num_workers: int = 0, source: str = "auto",
                       image_column: str = "image", label_column: str = "label", limit: int = 0) -> dict:
-    from defocus_vlm.training.data import ClassificationDataset, open_source
     from transformers import AutoProcessor
 
+    from defocus_vlm.data.classification import ClassificationDataset, open_source
     from defocus_vlm.modeling_clip import load_clip
     from defocus_vlm.user_files import check_model_dir
 

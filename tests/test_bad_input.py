@@ -297,8 +297,8 @@ def test_out_of_range_arrays_are_refused(array, words):
 
 # ----------------------------------------------------------------------------- CSV captions
 def test_csv_captions_with_unquoted_commas_are_refused_naming_the_line(tmp_path):
-    from defocus_vlm.training.data import DataError
-    from defocus_vlm.training.pairs import TablePairs
+    from defocus_vlm.data.classification import DataError
+    from defocus_vlm.data.pairs import TablePairs
 
     good = tmp_path / "good.csv"
     good.write_text('image,caption\na.png,"a cat, sitting"\n\nb.png,"two\nlines"\n')

@@ -10,8 +10,10 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from defocus_vlm.training.data import DataError
-from defocus_vlm.training.pairs import (
+from PIL import Image
+
+from defocus_vlm.data.classification import DataError
+from defocus_vlm.data.pairs import (
     FASHION_TEMPLATES,
     PairCollator,
     PairDataset,
@@ -19,8 +21,6 @@ from defocus_vlm.training.pairs import (
     easy_vqa_phrases,
     open_pairs,
 )
-from PIL import Image
-
 from defocus_vlm.processing_clip import byte_level_tokenizer
 
 torch.set_num_threads(1)

@@ -235,9 +235,9 @@ def test_flips_follow_the_sample_seed_and_spare_evaluation(tmp_path):
     """data.hflip / vflip mirror a training image by the sampler's per-sample seed (the same seed, the
     same image: resume stays exact); evaluation items (plain indices) are never flipped."""
     import numpy as np
-    from defocus_vlm.training.llava_data import EncodedSample, LlavaDataset
 
     from defocus_vlm import DefocusImageProcessor
+    from defocus_vlm.data.llava import EncodedSample, LlavaDataset
 
     pixels = np.zeros((8, 8, 3), np.uint8)
     pixels[:2, :4] = 255  # a white bar in the top-left corner

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from defocus_vlm.training.data import DataError
-from defocus_vlm.training.llava_data import (
+
+from defocus_vlm.data.classification import DataError
+from defocus_vlm.data.llava import (
     IGNORE_INDEX,
     Conversation,
     ConversationEncoder,

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 from defocus_vlm.training.config import ConfigError, load_config
-from defocus_vlm.training.data import (
+from defocus_vlm.training.optim import build_optimizer, param_groups
+from defocus_vlm.training.sampler import EpochSampler
+from defocus_vlm.training.schedules import drop_path_at, lr_at, scaled_lr
+
+from defocus_vlm.data.classification import (
     ClassificationDataset,
     DataError,
-    EpochSampler,
     open_source,
     verify_source,
 )
-from defocus_vlm.training.optim import build_optimizer, param_groups
-from defocus_vlm.training.schedules import drop_path_at, lr_at, scaled_lr
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 from defocus_vlm.eval.vqa import VLMAnswerer, run_vqa_eval
-from defocus_vlm.eval.vqa_readers import SHORT_ANSWER_PROMPT, VQASample
 from PIL import Image
 
 from defocus_vlm.cli import main
+from defocus_vlm.data.vqa import SHORT_ANSWER_PROMPT, VQASample
 from defocus_vlm.modeling_vlm import tiny_vlm
 
 torch.set_num_threads(1)

@@ -7,14 +7,14 @@ import io
 import json
 
 import pytest
-from defocus_vlm.eval.vqa_readers import (
+from PIL import Image
+
+from defocus_vlm.data.vqa import (
     MULTIPLE_CHOICE_PROMPT,
     SHORT_ANSWER_PROMPT,
     build_prompt,
     read_benchmark,
 )
-from PIL import Image
-
 from defocus_vlm.image_io import ImageError
 
 

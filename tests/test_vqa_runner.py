@@ -8,8 +8,9 @@ import zlib
 
 import pytest
 from defocus_vlm.eval.vqa import compute_metrics, read_predictions, run_vqa_eval
-from defocus_vlm.eval.vqa_readers import VQASample
 from PIL import Image
+
+from defocus_vlm.data.vqa import VQASample
 
 WORDS = ("red", "blue", "circle", "yes", "no")
 

@@ -7,17 +7,16 @@ from __future__ import annotations
 import torch
 from torchvision import transforms as T
 
+from defocus_vlm.constants import IMAGENET_MEAN, IMAGENET_STD, default_normalisation
 from defocus_vlm.image_io import to_pil
 
 from .config import AugmentConfig, DataConfig
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def mean_std(data: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if data.mean is not None and data.std is not None:
         return tuple(data.mean), tuple(data.std)
-    return (IMAGENET_MEAN, IMAGENET_STD) if data.in_chans == 3 else ((0.5,), (0.5,))
+    return default_normalisation(data.in_chans)
 
 
 def image_processor(data: DataConfig):

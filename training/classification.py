@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from defocus_vlm.data.classification import ClassificationDataset, open_source, verify_source
+
 from .augment import EvalTransform, TrainTransform, build_mixup, image_processor, make_targets
 from .config import ClassificationRunConfig, ConfigError
-from .data import ClassificationDataset, open_source, verify_source
 from .engine import all_reduce_sum, batch_layout
 from .export import export_classifier
 from .loop import StageTask, StepContext, reduce_count, run_stage

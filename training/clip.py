@@ -20,11 +20,8 @@ from pathlib import Path
 import torch
 
 from defocus_vlm.contrastive import LOSSES, contrastive_loss
-
-from .config import FASHION_MNIST_DIR, ConfigError, ImageDataConfig, OptimConfig, TrainConfig
-from .data import ClassificationDataset, verify_source
-from .loop import StageTask, StepContext, reduce_count, run_stage
-from .pairs import (
+from defocus_vlm.data.classification import ClassificationDataset, verify_source
+from defocus_vlm.data.pairs import (
     PAIR_SOURCES,
     PairCollator,
     PairDataset,
@@ -33,6 +30,9 @@ from .pairs import (
     detect_pair_source,
     open_pairs,
 )
+
+from .config import FASHION_MNIST_DIR, ConfigError, ImageDataConfig, OptimConfig, TrainConfig
+from .loop import StageTask, StepContext, reduce_count, run_stage
 
 
 # --------------------------------------------------------------------------- run config

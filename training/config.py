@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+from defocus_vlm.data.classification import FASHION_MNIST_DIR
+
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -21,9 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, OptimConfig, TrainConfig
-from .engine import all_reduce_sum
-from .llava_data import (
+from defocus_vlm.data.llava import (
     IGNORE_INDEX,
     LLAVA_IMAGE_TOKEN,
     OVERLONG_POLICIES,
@@ -33,6 +31,9 @@ from .llava_data import (
     read_llava_json,
     resolve_images,
 )
+
+from .config import ConfigError, OptimConfig, TrainConfig
+from .engine import all_reduce_sum
 from .loop import StageTask, StepContext, run_stage
 
 TUNE_MODES = ("projector", "finetune")

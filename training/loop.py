@@ -22,9 +22,10 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
+from defocus_vlm.data.classification import DataError
+
 from . import checkpoint as ckpt
 from .config import ConfigError, config_to_dict
-from .data import DataError, EpochSampler
 from .ema import ModelEMA
 from .engine import (
     all_reduce_mean,
@@ -39,6 +40,7 @@ from .engine import (
 )
 from .logger import RunLogger, plot_curve
 from .optim import build_optimizer, set_lr
+from .sampler import EpochSampler
 from .schedules import drop_path_at, lr_at, scaled_lr
 
 

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 # LLaVA-1.5's instruction for short-answer VQA (appended to every question, as in its training data)
-SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+from defocus_vlm.data.vqa import SHORT_ANSWER_PROMPT
+
 SPLITS = ("train", "test")
 
 
@@ -73,7 +74,7 @@ def _records(split: str, rows: list, instruction: str, group: bool) -> list[dict
 def _write_classes(root: Path, rows: list, image_dir: Path) -> None:
     """Image-folder layout ``root/<colour>_<shape>/<id>.png`` of the images whose colour and shape
     the questions pin down (``training.pairs.easy_vqa_phrases``)."""
-    from defocus_vlm.training.pairs import easy_vqa_phrases, is_colour_and_shape
+    from defocus_vlm.data.pairs import easy_vqa_phrases, is_colour_and_shape
 
     phrases = easy_vqa_phrases(*zip(*rows)) if rows else {}
     for image_id, phrase in phrases.items():

@@ -9,8 +9,9 @@ from pathlib import Path
 from lmms_eval.api.task import ConfigurableTask
 from PIL import Image
 
+from defocus_vlm.data.vqa import VQASample, build_prompt, read_benchmark
+
 from ..vqa_metrics import exact_match
-from ..vqa_readers import VQASample, build_prompt, read_benchmark
 
 
 class EasyVQATask(ConfigurableTask):

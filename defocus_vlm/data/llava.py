@@ -26,12 +26,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from defocus_vlm.constants import IMAGE_TOKEN
 from defocus_vlm.image_io import ImageError, load_image
 
-from .data import DataError
+from .classification import DataError
 
 IGNORE_INDEX = -100
-LLAVA_IMAGE_TOKEN = "<image>"
+LLAVA_IMAGE_TOKEN = IMAGE_TOKEN
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 

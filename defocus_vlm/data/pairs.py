@@ -3,7 +3,7 @@ shards, and two built-in sets that need no download: Fashion-MNIST (or any label
 with templated class captions, and easy-VQA images with captions derived from their questions.
 
 A *pair source* gives ``len``, ``load(i) -> (PIL image, caption)`` and ``where(i)`` (a path for
-messages), like the classification sources of training/data.py, so :class:`PairDataset` reuses
+messages), like the classification sources of defocus_vlm/data/classification.py, so :class:`PairDataset` reuses
 their corrupt-image policy and per-sample seeding (a sampled caption template is reproducible,
 whatever the worker count)."""
 
@@ -24,7 +24,7 @@ from PIL import Image
 from defocus_vlm.image_io import ImageError, load_image
 from defocus_vlm.user_files import read_text
 
-from .data import ClassificationDataset, DataError, detect_source, open_source
+from .classification import ClassificationDataset, DataError, detect_source, open_source
 
 PAIR_SOURCES = ("auto", "csv", "jsonl", "hf", "webdataset", "fashion_mnist", "easy_vqa", "labelled")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")

@@ -36,13 +36,22 @@ from typing import Any
 
 from PIL import Image
 
+from defocus_vlm.constants import IMAGE_TOKEN
 from defocus_vlm.image_io import ImageError, load_image, to_pil
 
-from .vqa_metrics import LETTERS, choice_letters
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def choice_letters(num_choices: int) -> str:
+    if not 1 <= num_choices <= len(LETTERS):
+        raise ValueError(f"expected 1 to {len(LETTERS)} choices, got {num_choices}")
+    return LETTERS[:num_choices]
+
+
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PLACEHOLDER = IMAGE_TOKEN
 
 
 @dataclass(frozen=True)
@@ -324,7 +333,7 @@ def read_llava_json(data: Path, split: str, image_dir: str | os.PathLike | None 
     """A LLaVA conversation file as ``defocus-vlm data easy-vqa`` writes it: ``DIR/{split}.json`` with
     image paths relative to ``DIR/images`` (or to ``DIR`` when there is no such folder). Each
     user/assistant pair of turns is one sample; records must have exactly one image."""
-    from defocus_vlm.training.llava_data import read_llava_json as read_conversations
+    from .llava import read_llava_json as read_conversations
 
     path = _data_file(data, f"{split}.json")
     default_images = path.parent / "images"
