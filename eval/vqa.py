@@ -2,8 +2,8 @@
 
 CLI: ``defocus-vlm eval vqa --model DIR --benchmark NAME [--data PATH] [--split S] [--batch-size N]
 [--limit N] [--output-dir DIR]``. Benchmarks: easy-vqa (the ``easy-vqa`` package, or a LLaVA-JSON export
-as --data), vqav2, textvqa, gqa, pope, scienceqa, mmbench (file layouts in
-:mod:`defocus_vlm.data.vqa`). Writes ``predictions.jsonl`` and ``metrics.json`` to the output
+as --data), shapes-vqa (accuracy also per question type and region), vqav2, textvqa, gqa, pope, scienceqa,
+mmbench (file layouts in :mod:`defocus_vlm.data.vqa`). Writes ``predictions.jsonl`` and ``metrics.json`` to the output
 folder and prints the metrics; rerunning with the same folder only answers the questions not yet there.
 
 The runner only needs an *answerer*: a function from a batch of (image, prompt) pairs to answers.
@@ -55,6 +55,18 @@ def _mean_percent(values: Sequence[float]) -> float:
     return 100.0 * sum(values) / len(values) if values else 0.0
 
 
+def _breakdowns(samples: Sequence[VQASample], scores: Sequence[float]) -> dict:
+    """``accuracy_by_<key>``: accuracy and count per value of each tag the samples carry."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for sample, score in zip(samples, scores):
+        for key, value in sample.tags:
+            groups.setdefault(key, {}).setdefault(value, []).append(float(score))
+    return {
+        f"accuracy_by_{key}": {v: {"accuracy": _mean_percent(x), "samples": len(x)} for v, x in sorted(by.items())}
+        for key, by in groups.items()
+    }
+
+
 def compute_metrics(benchmark: str, samples: Sequence[VQASample], predictions: dict[str, str]) -> dict:
     """The benchmark's scores (in percent) of ``predictions`` (question_id -> answer) on ``samples``."""
     missing = [s.question_id for s in samples if s.question_id not in predictions]
@@ -75,7 +87,9 @@ def compute_metrics(benchmark: str, samples: Sequence[VQASample], predictions: d
         out["unparsed"] = sum(letter is None for letter in letters)
     else:
         match = gqa_match if benchmark == "gqa" else exact_match
-        out["accuracy"] = _mean_percent([match(a, s.answers[0]) for a, s in zip(answers, samples)])
+        correct = [match(a, s.answers[0]) for a, s in zip(answers, samples)]
+        out["accuracy"] = _mean_percent(correct)
+        out.update(_breakdowns(samples, correct))
     return out
 
 
@@ -273,7 +287,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="exported vision-language model directory")
     parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), help="which benchmark")
     parser.add_argument(
-        "--data", default=None, help="the benchmark's folder or file (easy-vqa: optional LLaVA-JSON export)"
+        "--data", default=None,
+        help="the benchmark's folder or file (easy-vqa: optional LLaVA-JSON export; shapes-vqa: the export folder)",
     )
     parser.add_argument("--split", default=None, help="split (default: the benchmark's usual evaluation split)")
     parser.add_argument("--image-dir", default=None, help="where the images are, if not in the usual place")

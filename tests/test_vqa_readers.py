@@ -193,6 +193,34 @@ def test_easy_vqa_llava_json_export(tmp_path):
         read_benchmark("easy-vqa", path)
 
 
+def test_shapes_vqa_export_is_read_with_its_tags(tmp_path):
+    # the layout of `defocus-vlm data shapes-vqa --output-dir DIR`: easy-VQA's, plus DIR/scenes.json
+    _png(tmp_path / "images" / "test" / "00000.png")
+    human = {"from": "human", "value": f"<image>\nHow many shapes are there?\n{SHORT_ANSWER_PROMPT}"}
+    record = {"id": "q0", "image": "test/00000.png", "conversations": [human, {"from": "gpt", "value": "3"}]}
+    path = _write_json(tmp_path / "test.json", [record])
+    question = {"id": "q0", "type": "count_all", "region": "both", "unseen": False}
+    scenes = _write_json(tmp_path / "scenes.json", {"splits": {"test": {"questions": [question]}}})
+    [s] = read_benchmark("shapes-vqa", tmp_path)
+    assert (s.question_id, s.question, s.answers) == ("q0", "How many shapes are there?", ("3",))
+    assert s.tags == (("type", "count_all"), ("region", "both"), ("combination", "seen"))
+    assert build_prompt(s) == f"How many shapes are there?\n{SHORT_ANSWER_PROMPT}"
+
+    with pytest.raises(ValueError, match="shapes-VQA needs the folder .* got the file"):
+        read_benchmark("shapes-vqa", path)
+    with pytest.raises(ValueError, match="scenes.json: no split 'test_unseen'; it has test"):
+        read_benchmark("shapes-vqa", tmp_path, "test_unseen")
+    _write_json(scenes, {"splits": {"test": {"questions": [{**question, "region": None}]}}})
+    with pytest.raises(ValueError, match="scenes.json: test question 0 has no 'region' field"):
+        read_benchmark("shapes-vqa", tmp_path)
+    _write_json(scenes, {"splits": {"test": {"questions": [{**question, "id": "q1"}]}}})
+    with pytest.raises(ValueError, match="scenes.json: no question 'q0' of test.json"):
+        read_benchmark("shapes-vqa", tmp_path)
+    scenes.unlink()
+    with pytest.raises(FileNotFoundError, match="scenes.json"):
+        read_benchmark("shapes-vqa", tmp_path)
+
+
 def test_unknown_benchmark_and_missing_data(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark 'okvqa'"):
         read_benchmark("okvqa", tmp_path)

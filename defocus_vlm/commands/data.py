@@ -1,4 +1,4 @@
-"""Prepare data sets: ``defocus-vlm data easy-vqa --out DIR``.
+"""Prepare data sets: ``defocus-vlm data easy-vqa --out DIR``, ``defocus-vlm data shapes-vqa --output-dir DIR``.
 
 easy-VQA (PyPI ``easy-vqa``, MIT; 64x64 images with one coloured shape, 13 single-word answers) is
 written in LLaVA's conversation format: ``DIR/train.json`` and ``DIR/test.json`` (one record per
@@ -19,7 +19,10 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
+
+from defocus_vlm.data import shapes_vqa
 
 # LLaVA-1.5's instruction for short-answer VQA (appended to every question, as in its training data)
 from defocus_vlm.data.vqa import SHORT_ANSWER_PROMPT
@@ -41,6 +44,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "often (easy-VQA's 'is there a red shape?' is 'no' 7 times in 8; the model then answers "
                         "from that prior instead of the image). The test split is left as it is")
     p.add_argument("--limit", type=int, default=0, help="keep only the first N questions of each split (0 = all)")
+    _add_shapes_vqa_arguments(sub)
+
+
+def _add_shapes_vqa_arguments(sub: argparse._SubParsersAction) -> None:
+    defaults = shapes_vqa.ShapesVQAConfig()
+    p = sub.add_parser("shapes-vqa", help="shapes-VQA: generated scenes, questions that need the whole image",
+                       description=shapes_vqa.__doc__.split("\n\n")[0])
+    p.add_argument("--output-dir", "--out", dest="output_dir", required=True, help="output directory")
+    p.add_argument("--images", type=int, default=defaults.images, help="train scenes (default: %(default)s)")
+    p.add_argument("--test-images", type=int, default=defaults.test_images,
+                   help="scenes of test and of test_unseen each (default: a tenth of --images)")
+    p.add_argument("--questions-per-image", type=int, default=defaults.questions_per_image,
+                   help="questions per scene on average (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=defaults.img_size,
+                   help="image side in pixels (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help="the same seed writes the same data (default: %(default)s)")
+    p.add_argument("--overlap", choices=shapes_vqa.OVERLAP_RULES, default=defaults.overlap,
+                   help="none: shapes 2 px apart; partial: shapes may overlap but no centre is covered")
+    p.add_argument("--background", choices=shapes_vqa.BACKGROUNDS, default=defaults.background,
+                   help="plain, textured (checker or stripes) or mixed (a third each); the shapes stay the same")
+    p.add_argument("--instruction", default=SHORT_ANSWER_PROMPT,
+                   help="text on its own line after each question ('' for none); default: LLaVA's short-answer prompt")
 
 
 def _easy_vqa_split(split: str):
@@ -129,7 +155,20 @@ def export_easy_vqa(out: str | Path, instruction: str = SHORT_ANSWER_PROMPT, gro
     return counts
 
 
+def run_shapes_vqa(args: argparse.Namespace) -> int:
+    config = shapes_vqa.ShapesVQAConfig(
+        seed=args.seed, images=args.images, test_images=args.test_images, questions_per_image=args.questions_per_image,
+        img_size=args.img_size, overlap=args.overlap, background=args.background,
+    )
+    start = time.perf_counter()
+    summary = shapes_vqa.write_shapes_vqa(args.output_dir, config, args.instruction)
+    print(json.dumps({**summary, "seconds": round(time.perf_counter() - start, 1)}), file=sys.stdout)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.dataset == "shapes-vqa":
+        return run_shapes_vqa(args)
     counts = export_easy_vqa(args.out, args.instruction, args.group_by_image, args.limit, args.balance_answers)
     print(json.dumps({"out": str(args.out), "records": counts}), file=sys.stdout)
     return 0

@@ -15,6 +15,9 @@ folder (the expected file names are below) or, where one file holds everything, 
   (plain single-pass accuracy, not MMBench's circular evaluation).
 - ``easy-vqa`` (test, train): no files, read from the ``easy-vqa`` package; or the LLaVA-JSON export
   of ``defocus-vlm data easy-vqa --out DIR``: ``DIR/{split}.json``, images under ``DIR/images``.
+- ``shapes-vqa`` (test, test_unseen, train): the export of ``defocus-vlm data shapes-vqa --output-dir DIR``:
+  ``DIR/{split}.json`` as easy-VQA's, each question tagged from ``DIR/scenes.json`` with its type, region
+  and attribute combination (seen / unseen in training), which the metrics are broken down by.
 
 A missing file or field raises one ``FileNotFoundError`` / ``ValueError`` naming the file and the
 field; a missing image is reported when it is loaded (:class:`~defocus_vlm.image_io.ImageError`).
@@ -30,7 +33,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +71,8 @@ class VQASample:
 
     ``answers`` holds the ground truth: the ten annotator answers (VQAv2, TextVQA), the single answer
     (GQA, easy-VQA), "yes"/"no" (POPE) or the option letter (ScienceQA, MMBench). ``choices`` are
-    the option texts of a multiple-choice question, lettered A, B, ... in order."""
+    the option texts of a multiple-choice question, lettered A, B, ... in order. ``tags`` are (key, value)
+    pairs that the accuracy is also reported by (shapes-VQA: ``("type", "count")``, ``("region", "top")``)."""
 
     question_id: str
     question: str
@@ -76,6 +80,7 @@ class VQASample:
     answers: tuple[str, ...]
     choices: tuple[str, ...] = ()
     hint: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
 
     def load_image(self) -> Image.Image:
         if isinstance(self.image, EncodedImage):
@@ -364,6 +369,31 @@ def read_easy_vqa(data: Path | None, split: str, image_dir: str | os.PathLike | 
     return read_easy_vqa_package(split) if data is None else read_llava_json(data, split, image_dir)
 
 
+def read_shapes_vqa(data: Path, split: str, image_dir: str | os.PathLike | None = None) -> list[VQASample]:
+    """The questions of ``DIR/{split}.json``, each tagged with its type, region and combination from
+    ``DIR/scenes.json``."""
+    if data.is_file():
+        raise ValueError(f"shapes-VQA needs the folder that `defocus-vlm data shapes-vqa` wrote, got the file {data}")
+    path = _data_file(data, "scenes.json")
+    splits = _field(_load_json(path, dict), "splits", path, "the top level", dict)
+    if split not in splits:
+        raise ValueError(f"{path}: no split {split!r}; it has {', '.join(splits) or 'none'}")
+    tags = {}
+    for i, q in enumerate(_field(splits[split], "questions", path, f"split {split}", list)):
+        where = f"{split} question {i}"
+        combination = "unseen" if _field(q, "unseen", path, where) else "seen"
+        tags[str(_field(q, "id", path, where))] = (
+            ("type", str(_field(q, "type", path, where))),
+            ("region", str(_field(q, "region", path, where))),
+            ("combination", combination),
+        )
+    samples = read_llava_json(data, split, image_dir)
+    for s in samples:
+        if s.question_id not in tags:
+            raise ValueError(f"{path}: no question {s.question_id!r} of {split}.json in split {split}")
+    return [replace(s, tags=tags[s.question_id]) for s in samples]
+
+
 @dataclass(frozen=True)
 class Benchmark:
     reader: Callable[..., list[VQASample]]
@@ -374,6 +404,7 @@ class Benchmark:
 
 BENCHMARKS: dict[str, Benchmark] = {
     "easy-vqa": Benchmark(read_easy_vqa, "test", needs_data=False),
+    "shapes-vqa": Benchmark(read_shapes_vqa, "test"),
     "vqav2": Benchmark(read_vqav2, "val"),
     "textvqa": Benchmark(read_textvqa, "val"),
     "gqa": Benchmark(read_gqa, "testdev"),

@@ -1,6 +1,7 @@
 """lmms-eval plugin: the model ``defocus_vlm`` and two offline tasks on easy-VQA's test split,
 ``defocus_easy_vqa`` (greedy short answers, exact match) and ``defocus_easy_vqa_mc`` (the 13 easy-VQA
-answers ranked by the model's likelihood).
+answers ranked by the model's likelihood); ``defocus_shapes_vqa`` and ``defocus_shapes_vqa_unseen`` on
+shapes-VQA's test splits (the export that ``DEFOCUS_SHAPES_VQA_DIR`` names; see ``shapes_vqa_task``).
 
 How lmms-eval 0.7 finds them (read from its source):
 

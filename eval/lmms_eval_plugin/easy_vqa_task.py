@@ -15,20 +15,28 @@ from ..vqa_metrics import exact_match
 
 
 class EasyVQATask(ConfigurableTask):
-    """A YAML-configured task whose documents come from the installed easy-VQA package."""
+    """A YAML-configured task whose documents come from the installed easy-VQA package (a subclass sets
+    another ``benchmark`` of :mod:`~defocus_vlm.data.vqa` and where its files are)."""
+
+    benchmark = "easy-vqa"
 
     def __init__(self, config: dict) -> None:
         # lmms-eval hands python tasks their whole YAML, "class" included, which TaskConfig does not know
         super().__init__(config={k: v for k, v in config.items() if k != "class"})
+
+    def data_path(self) -> Path | None:
+        """The benchmark's files (None: easy-VQA reads the installed package)."""
+        return None
 
     def download(self, dataset_kwargs: dict | None = None) -> None:
         import datasets
 
         split = self.config.test_split
         rows = [
-            {"question_id": s.question_id, "question": s.question, "answer": s.answers[0], "image_path": str(s.image)}
-            for s in read_benchmark("easy-vqa", None, split)
-        ]
+            {"question_id": s.question_id, "question": s.question, "answer": s.answers[0], "image_path": str(s.image),
+             **dict(s.tags)}  # shapes-VQA: type, region, combination, kept in the logged samples
+            for s in read_benchmark(self.benchmark, self.data_path(), split)
+        ]  # fmt: skip
         self.dataset = datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
         self.dataset_no_image = self.dataset  # images are loaded from paths by doc_to_visual
 
