@@ -264,12 +264,13 @@ def _processor_for(config):
 
 def _preset_overrides(spec: str, text: str) -> dict:
     from defocus_vlm.encoders import EncoderConfig
-    from defocus_vlm.training.config import parse_override
+
+    from defocus_vlm.overrides import parse_assignment
 
     allowed = EncoderConfig.field_names() | set(_HEAD_FIELDS)
     overrides = {}
     for item in filter(None, text.split(",")):
-        keys, value = parse_override(item)
+        keys, value = parse_assignment(item)
         if len(keys) != 1 or keys[0] not in allowed:
             raise ValueError(
                 f"model {spec!r}: cannot override {'.'.join(keys)!r}; expected PRESET:key=value,... with keys "

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from defocus_vlm.data.classification import FASHION_MNIST_DIR
+from defocus_vlm.overrides import parse_assignment
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -256,16 +257,10 @@ def _build(cls: type, values: dict, prefix: str, base: Any = None) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like dotted.key=value (e.g. train.epochs=10)")
-    key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: cannot parse value: {err}") from err
-    return key.split("."), value
+        return parse_assignment(text)
+    except ValueError as err:
+        raise ConfigError(f"override {err}") from err
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

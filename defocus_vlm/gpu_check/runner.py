@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .context import Outcome, SectionContext
@@ -133,7 +133,7 @@ def run_gpu_check(out: Path, dry_run: bool = False, sections: list[str] | None =
     log.path.unlink(missing_ok=True)
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # an availability check must not touch CUDA
     _preload()
-    doc = {"schema": 1, "dry_run": dry_run, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    doc = {"schema": 1, "dry_run": dry_run, "started": datetime.now(UTC).isoformat(timespec="seconds"),
            "total_budget_s": total_seconds, "repo": str(repo), "environment": {}, "sections": [], "rows": [],
            "complete": False}
     facts: dict = {}
@@ -186,7 +186,7 @@ def _learn(rows: list[Row], facts: dict, doc: dict) -> None:
 def _write(out: Path, doc: dict, start: float, complete: bool) -> dict:
     doc["wall_s"] = round(time.time() - start, 1)
     doc["complete"] = complete
-    doc["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds") if complete else None
+    doc["finished"] = datetime.now(UTC).isoformat(timespec="seconds") if complete else None
     doc["summary"] = counts([Row(**r) for r in doc["rows"]])
     tmp = out / (JSON_NAME + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
