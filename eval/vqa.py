@@ -7,8 +7,8 @@ mmbench (file layouts in :mod:`defocus_vlm.data.vqa`). Writes ``predictions.json
 folder and prints the metrics; rerunning with the same folder only answers the questions not yet there.
 
 The runner only needs an *answerer*: a function from a batch of (image, prompt) pairs to answers.
-:class:`VLMAnswerer` is the one for an exported vision-language model; tests use fakes. Metrics are
-computed from the predictions file in question order, so they do not depend on the batch size or on
+:class:`defocus_vlm.inference.VLMAnswerer` is the one for an exported vision-language model; tests use
+fakes. Metrics are computed from the predictions file in question order, so they do not depend on the batch size or on
 how often the run was interrupted.
 """
 
@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from defocus_vlm.data.vqa import BENCHMARKS, VQASample, build_prompt, get_benchmark, read_benchmark
+from defocus_vlm.inference import VLMAnswerer
 
 from .vqa_metrics import (
     exact_match,
@@ -183,101 +184,6 @@ def run_vqa_eval(
     metrics = compute_metrics(benchmark, samples, predictions)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
-
-
-# --- an exported vision-language model as answerer -----------------------------------------------
-
-
-def _resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        cuda_bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return getattr(torch, dtype)
-
-
-class VLMAnswerer:
-    """Greedy answers of an exported vision-language model (``AutoModelForImageTextToText`` and its
-    ``AutoProcessor``): each prompt goes through the processor's chat template as one user turn with
-    the image first, and a batch is left-padded and generated at once (until the end-of-sequence token
-    of the model's generation config, or ``max_new_tokens``)."""
-
-    def __init__(
-        self,
-        model_dir: str | os.PathLike,
-        device: str | None = None,
-        dtype: str = "auto",
-        max_new_tokens: int = 16,
-    ):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        import defocus_vlm  # noqa: F401 - registers the Auto classes
-        from defocus_vlm.user_files import check_model_dir
-
-        model_dir = check_model_dir(model_dir, "defocus_vlm")
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = _resolve_dtype(dtype, self.device.type)
-        self.max_new_tokens = max_new_tokens
-        self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"  # generated tokens must follow every prompt directly
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
-
-    def chat_text(self, prompt: str) -> str:
-        """The prompt as one user turn, written as in LLaVA's data ("<image>\\n" + prompt), followed by
-        the assistant's generation prompt."""
-        messages = [{"role": "user", "content": f"{self.processor.image_token}\n{prompt}"}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def _inputs(self, images: Sequence[Image.Image], texts: Sequence[str]):
-        inputs = self.processor(images=list(images), text=list(texts), padding=True, return_tensors="pt")
-        inputs = inputs.to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return inputs
-
-    def __call__(self, batch: Sequence[tuple[Image.Image, str]], max_new_tokens: int | None = None) -> list[str]:
-        import torch
-
-        if not batch:
-            return []
-        images, prompts = zip(*batch)
-        inputs = self._inputs(images, [self.chat_text(p) for p in prompts])
-        with torch.inference_mode():
-            generated = self.model.generate(
-                **inputs,
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=max_new_tokens or self.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-    def continuation_logprob(self, image: Image.Image, prompt: str, continuation: str) -> tuple[float, bool]:
-        """Log-probability of ``continuation`` as the start of the assistant's answer, and whether
-        greedy decoding would produce exactly it (lmms-eval's ``loglikelihood``)."""
-        import torch
-
-        inputs = self._inputs([image], [self.chat_text(prompt)])
-        n_context = inputs["input_ids"].shape[1]
-        # the continuation is tokenized on its own, so the context's tokens stay exactly as in generation
-        target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        if target.numel() == 0:
-            raise ValueError(f"the continuation {continuation!r} has no tokens")
-        target = target.to(self.device)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], target[None]], dim=1)
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        with torch.inference_mode():
-            logits = self.model(**inputs).logits[0, n_context - 1 : -1].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        total = logprobs.gather(-1, target[:, None]).sum().item()
-        return total, bool((logits.argmax(-1) == target).all())
 
 
 # --- CLI -----------------------------------------------------------------------------------------

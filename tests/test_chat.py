@@ -4,11 +4,11 @@ keeps the conversation."""
 from __future__ import annotations
 
 import torch
-from defocus_vlm.eval.vqa import VLMAnswerer
 from PIL import Image
 from test_vqa_model import save_tiny_vlm
 
 from defocus_vlm.cli import main
+from defocus_vlm.inference import VLMAnswerer
 
 
 def test_chat_streams_the_greedy_answer(tmp_path, capsys, monkeypatch):

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from defocus_vlm.eval.vqa import VLMAnswerer, run_vqa_eval
+from defocus_vlm.eval.vqa import run_vqa_eval
 from PIL import Image
 
 from defocus_vlm.cli import main
 from defocus_vlm.data.vqa import SHORT_ANSWER_PROMPT, VQASample
+from defocus_vlm.inference import VLMAnswerer
 from defocus_vlm.modeling_vlm import tiny_vlm
 
 torch.set_num_threads(1)

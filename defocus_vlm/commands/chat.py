@@ -22,27 +22,16 @@ def reply(answerer, messages: list[dict], image, max_new_tokens: int, out=None) 
     """Generate the assistant's next turn for ``messages``, printing tokens as they come (to ``out``,
     default: the sys.stdout of the moment, not the one at import time, which may be closed since)."""
     out = out or sys.stdout
-    import torch
-    from transformers import TextStreamer
 
-    class _Printer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            print(text, end="\n" if stream_end else "", file=out, flush=True)
+    def show(text: str, end: bool) -> None:
+        print(text, end="\n" if end else "", file=out, flush=True)
 
-    processor = answerer.processor
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = answerer._inputs([image], [text])
-    streamer = _Printer(answerer.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.inference_mode():
-        generated = answerer.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                            pad_token_id=answerer.tokenizer.pad_token_id, streamer=streamer)
-    new = generated[0, inputs["input_ids"].shape[1]:]
-    return answerer.tokenizer.decode(new, skip_special_tokens=True).strip()
+    return answerer.stream_reply(messages, image, show, max_new_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
-    from defocus_vlm.eval.vqa import VLMAnswerer
     from defocus_vlm.image_io import load_image
+    from defocus_vlm.inference import VLMAnswerer
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")

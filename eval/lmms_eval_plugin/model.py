@@ -10,7 +10,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
-from ..vqa import VLMAnswerer
+from defocus_vlm.inference import VLMAnswerer
 
 
 def _loglikelihood_response(value: float, is_greedy: bool):
