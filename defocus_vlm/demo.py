@@ -59,7 +59,7 @@ def demo_steps(out: Path, fast: bool = False) -> list[Step]:
               "--classnames", "fashion-mnist", *limit, "--output", str(ev / "zeroshot.json")],
              str(ev / "zeroshot.json"), lane=1),
         Step("data: easy-VQA as LLaVA JSON",
-             ["data", "easy-vqa", "--out", str(data)], str(data / "test.json"), lane=1),
+             ["data", "easy-vqa", "--output-dir", str(data)], str(data / "test.json"), lane=1),
         Step("stage 3: instruction tuning (easy-VQA)",
              ["train", "instruct", "--config", "easy_vqa_cpu", *DEMO_STAGE3, *tiny_vqa,
               f"data.train_json={data / 'train.json'}", f"data.eval_json={data / 'test.json'}",

@@ -16,7 +16,7 @@ pytest.importorskip("easy_vqa", reason="the test data comes from easy-vqa (pip i
 def lora_run(tmp_path_factory):
     from defocus_vlm.training.instruct import run
 
-    from defocus_vlm.commands.data import export_easy_vqa
+    from defocus_vlm.data.easy_vqa import export as export_easy_vqa
 
     data = tmp_path_factory.mktemp("easy_vqa")
     export_easy_vqa(data, instruction="", limit=32)

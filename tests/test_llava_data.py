@@ -221,7 +221,7 @@ def test_easy_vqa_export_has_a_classification_layout(tmp_path):
     from defocus_vlm.cli import main
 
     pytest.importorskip("easy_vqa", reason="easy-vqa is not installed (pip install 'defocus-vlm[train]')")
-    assert main(["data", "easy-vqa", "--out", str(tmp_path), "--limit", "200"]) == 0
+    assert main(["data", "easy-vqa", "--output-dir", str(tmp_path), "--limit", "200"]) == 0
     for split, json_name in (("train", "train.json"), ("val", "test.json")):
         folders = sorted(p for p in (tmp_path / "classes" / split).iterdir())
         assert folders and all(len(p.name.split("_")) == 2 for p in folders)
@@ -240,7 +240,7 @@ def test_easy_vqa_export_has_a_classification_layout(tmp_path):
 def test_balance_answers_evens_out_each_question():
     from collections import Counter
 
-    from defocus_vlm.commands.data import balance_answers
+    from defocus_vlm.data.easy_vqa import balance_answers
 
     def record(i: int, question: str, answer: str) -> dict:
         return {"id": str(i), "image": f"{i}.png", "conversations": [{"from": "human", "value": question},

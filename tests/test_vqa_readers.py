@@ -162,12 +162,14 @@ def test_easy_vqa_package():
     answers = {s.answers[0] for s in samples}
     assert {"yes", "no", "circle", "rectangle", "triangle"} <= answers and len(answers) == 13
     assert samples[0].load_image().size == (64, 64)
-    with pytest.raises(ValueError, match="splits 'train' and 'test'"):
-        read_benchmark("easy-vqa", None, "val")
+    # one reader for every user of the package: val names the test split, as for the image-text pairs
+    assert [s.answers for s in read_benchmark("easy-vqa", None, "val")] == [s.answers for s in samples]
+    with pytest.raises(ValueError, match="splits train and test"):
+        read_benchmark("easy-vqa", None, "dev")
 
 
 def test_easy_vqa_llava_json_export(tmp_path):
-    # the layout of `defocus-vlm data easy-vqa --out DIR`: DIR/test.json, paths relative to DIR/images
+    # the layout of `defocus-vlm data easy-vqa --output-dir DIR`: DIR/test.json, paths relative to DIR/images
     _png(tmp_path / "images" / "test" / "0.png")
     records = [
         {"id": "q0", "image": "test/0.png",

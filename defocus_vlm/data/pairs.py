@@ -25,6 +25,7 @@ from defocus_vlm.image_io import ImageError, load_image
 from defocus_vlm.user_files import read_text
 
 from .classification import ClassificationDataset, DataError, detect_source, open_source
+from .easy_vqa import easy_vqa_phrases, is_colour_and_shape, read_split
 
 PAIR_SOURCES = ("auto", "csv", "jsonl", "hf", "webdataset", "fashion_mnist", "easy_vqa", "labelled")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -41,8 +42,6 @@ EASY_VQA_TEMPLATES = [
     "a {}.", "a photo of a {}.", "a simple drawing of a {}.", "a {} on a white background.",
     "an image with a {}.", "there is a {} in the image.", "a picture of a {}.", "{}",
 ]
-_SHAPES = ("circle", "rectangle", "triangle")
-_COLOURS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
 
 
 def check_templates(templates: Sequence[str], origin: str = "templates") -> list[str]:
@@ -99,17 +98,8 @@ class EasyVQASource:
     neither."""
 
     def __init__(self, split: str, partial: bool = True):
-        try:
-            import easy_vqa
-        except ImportError as err:
-            raise DataError("easy-VQA is not installed: pip install easy-vqa (it ships the images)") from err
-        if split in ("val", "validation", "test"):
-            questions, paths = easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()
-        elif split == "train":
-            questions, paths = easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()
-        else:
-            raise DataError(f"easy-VQA has the splits train and test, not {split!r}")
-        phrases = easy_vqa_phrases(*questions)
+        rows, paths, _ = read_split(split)
+        phrases = easy_vqa_phrases(*zip(*rows))
         self.items = [(paths[i], phrases[i]) for i in sorted(phrases)
                       if i in paths and (partial or is_colour_and_shape(phrases[i]))]
         if not self.items:
@@ -125,37 +115,6 @@ class EasyVQASource:
     def load(self, i: int) -> tuple[Image.Image, str]:
         path, phrase = self.items[i]
         return load_image(path), phrase
-
-
-def is_colour_and_shape(phrase: str) -> bool:
-    """True for a phrase of :func:`easy_vqa_phrases` that names both attributes ("blue circle")."""
-    words = phrase.split()
-    return len(words) == 2 and words[1] != "shape"
-
-
-def easy_vqa_phrases(texts: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]) -> dict[int, str]:
-    """image id -> "colour shape" phrase from easy-VQA's (question, answer, image id) triples."""
-    seen: dict[int, dict[str, set]] = {}
-    for question, answer, image_id in zip(texts, answers, image_ids):
-        words = question.rstrip("?").split()
-        facts = seen.setdefault(image_id, {"yes": set(), "no": set()})
-        if answer in ("yes", "no"):  # "is there (not) a red shape?": the named attribute is there or not
-            present = (answer == "yes") != bool({"not", "no"} & set(words))
-            facts["yes" if present else "no"].update(words)
-        else:  # "what is the blue shape?" -> "rectangle": both the answer and the named attribute are there
-            facts["yes"].update([*words, answer])
-    phrases = {}
-    for image_id, facts in seen.items():
-        parts = []
-        for options in (_COLOURS, _SHAPES):
-            present = [w for w in options if w in facts["yes"]]
-            left = [w for w in options if w not in facts["no"]]
-            value = present[0] if len(present) == 1 else left[0] if len(left) == 1 else None
-            parts.append(value)
-        colour, shape = parts
-        if colour or shape:
-            phrases[image_id] = f"{colour} {shape}" if colour and shape else shape or f"{colour} shape"
-    return phrases
 
 
 # --------------------------------------------------------------------------- files and datasets

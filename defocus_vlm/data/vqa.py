@@ -14,7 +14,7 @@ folder (the expected file names are below) or, where one file holds everything, 
 - ``mmbench`` (dev, test): ``MMBench_{SPLIT}_EN.tsv`` with the images base64-encoded in the file
   (plain single-pass accuracy, not MMBench's circular evaluation).
 - ``easy-vqa`` (test, train): no files, read from the ``easy-vqa`` package; or the LLaVA-JSON export
-  of ``defocus-vlm data easy-vqa --out DIR``: ``DIR/{split}.json``, images under ``DIR/images``.
+  of ``defocus-vlm data easy-vqa --output-dir DIR``: ``DIR/{split}.json``, images under ``DIR/images``.
 - ``shapes-vqa`` (test, test_unseen, train): the export of ``defocus-vlm data shapes-vqa --output-dir DIR``:
   ``DIR/{split}.json`` as easy-VQA's, each question tagged from ``DIR/scenes.json`` with its type, region
   and attribute combination (seen / unseen in training), which the metrics are broken down by.
@@ -312,26 +312,11 @@ def read_mmbench(data: Path, split: str, image_dir: str | os.PathLike | None = N
 
 
 def read_easy_vqa_package(split: str) -> list[VQASample]:
-    try:
-        import easy_vqa
-    except ImportError as err:
-        raise FileNotFoundError(
-            "easy-VQA is read from the 'easy-vqa' package, which is not installed: pip install easy-vqa "
-            "(or pass --data with a LLaVA-JSON export)"
-        ) from err
-    readers = {
-        "train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
-        "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths),
-    }
-    if split not in readers:
-        raise ValueError(f"easy-VQA has the splits 'train' and 'test', got {split!r}")
-    get_questions, get_image_paths = readers[split]
-    texts, answers, image_ids = get_questions()
-    paths = get_image_paths()
-    return [
-        VQASample(question_id=f"{split}-{i}", question=text, image=Path(paths[image_id]), answers=(answer,))
-        for i, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids))
-    ]
+    from .easy_vqa import read_split
+
+    rows, paths, _ = read_split(split)
+    return [VQASample(question_id=f"{split}-{i}", question=text, image=Path(paths[image_id]), answers=(answer,))
+            for i, (text, answer, image_id) in enumerate(rows)]
 
 
 def read_llava_json(data: Path, split: str, image_dir: str | os.PathLike | None = None) -> list[VQASample]:
