@@ -75,6 +75,7 @@ def test_readme_config_reference_is_generated_from_the_code():
     from defocus_vlm.config_reference import END, START, render, undocumented
 
     assert undocumented() == [], "every config field needs a meaning (a trailing # comment or a docstring entry)"
-    text = README.read_text()
+    text = (README.parent / "docs" / "configuration.md").read_text()
     block = START + text.split(START, 1)[1].split(END, 1)[0] + END
-    assert block == render(), "README is stale: run `defocus-vlm config-reference --write README.md`"
+    assert block == render(), "docs/configuration.md is stale: run `defocus-vlm config-reference --write " \
+                              "docs/configuration.md`"

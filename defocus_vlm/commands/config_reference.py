@@ -1,5 +1,5 @@
 """Print the configuration reference (every config field with its default and meaning) as Markdown,
-generated from the code; ``--write README.md`` updates the README's generated block in place."""
+generated from the code; ``--write docs/configuration.md`` updates that file's generated block in place."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--write", metavar="README", default=None,
+    parser.add_argument("--write", metavar="FILE", default=None,
                         help="replace the generated block in this Markdown file instead of printing")
 
 
