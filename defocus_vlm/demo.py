@@ -69,7 +69,7 @@ def demo_steps(out: Path, fast: bool = False) -> list[Step]:
               "--output-dir", str(ev / "easy_vqa")], str(ev / "easy_vqa" / "metrics.json"), lane=1),
         Step("over-focus picture (stage-1 model)",
              ["analyze", "--model", str(s1 / "model"), "--image", "fashion-mnist:0", "--image", "fashion-mnist:1",
-              "--out", str(out / "focus")], str(out / "focus" / "metrics.json")),
+              "--output-dir", str(out / "focus")], str(out / "focus" / "metrics.json")),
     ]
 
 

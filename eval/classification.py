@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from defocus_vlm.cli_options import add_device, add_output_file
+
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
     """Number of samples whose target is among the k highest logits, for each k (k is capped at
@@ -101,11 +103,13 @@ def run_classification_eval(
     label_column: str = "label",
     limit: int = 0,
     on_corrupt: str = "skip",
+    device: str = "auto",
 ) -> dict:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     import defocus_vlm  # noqa: F401 - registers the Auto classes
     from defocus_vlm.data.classification import ClassificationDataset, open_source
+    from defocus_vlm.inference import resolve_device
 
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
@@ -114,7 +118,7 @@ def run_classification_eval(
     dirs = _model_dirs(model_dir)  # check the model before reading any data
     src = open_source(source, data, split, image_column, label_column)
     for name, path in dirs.items():
-        model = AutoModelForImageClassification.from_pretrained(path)
+        model = AutoModelForImageClassification.from_pretrained(path).to(resolve_device(device))
         processor = AutoImageProcessor.from_pretrained(path)
         n_labels = model.config.num_labels
         if len(src.classes) > n_labels:
@@ -127,7 +131,7 @@ def run_classification_eval(
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=False, num_workers=num_workers
         )
-        results[name] = evaluate(model, loader)
+        results[name] = evaluate(model, loader, model.device)
     return results
 
 
@@ -148,7 +152,8 @@ def add_labelled_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
-    parser.add_argument("--output", default=None, help="also write the JSON here")
+    add_output_file(parser)
+    add_device(parser)
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +173,7 @@ def run_cli(args: argparse.Namespace) -> int:
         image_column=args.image_column,
         label_column=args.label_column,
         limit=args.limit,
+        device=args.device,
     )
     print(write_json(results, args.output))
     return 0

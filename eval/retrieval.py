@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from defocus_vlm.cli_options import add_device, add_output_file
+
 from .classification import write_json
 
 
@@ -99,17 +101,18 @@ def _pixels_and_captions(items: list) -> tuple[torch.Tensor, list[str]]:
 
 def run_retrieval_eval(model_dir: str | Path, data: str, source: str = "auto", split: str = "test",
                        batch_size: int = 256, num_workers: int = 0, image_column: str = "image",
-                       caption_column: str = "caption", limit: int = 0) -> dict:
+                       caption_column: str = "caption", limit: int = 0, device: str = "auto") -> dict:
     from transformers import AutoProcessor
 
     from defocus_vlm.data.pairs import PairDataset, open_pairs
+    from defocus_vlm.inference import resolve_device
     from defocus_vlm.modeling_clip import load_clip
     from defocus_vlm.user_files import check_model_dir
 
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
     check_model_dir(model_dir, "defocus_clip")  # before any data is read
-    model = load_clip(model_dir).eval()
+    model = load_clip(model_dir).eval().to(resolve_device(device))
     processor = AutoProcessor.from_pretrained(model_dir)
     pairs = open_pairs(source, data, split, image_column, caption_column, sample_templates=False)
 
@@ -118,8 +121,8 @@ def run_retrieval_eval(model_dir: str | Path, data: str, source: str = "auto", s
 
     dataset = PairDataset(pairs, transform, on_corrupt="fail", limit=limit)  # a skipped image would shift the pairs
     tokenizer = processor.tokenizer
-    result = evaluate_retrieval(model, dataset, tokenizer, tokenizer.model_max_length, batch_size=batch_size,
-                                num_workers=num_workers)
+    result = evaluate_retrieval(model, dataset, tokenizer, tokenizer.model_max_length, device=model.device,
+                                batch_size=batch_size, num_workers=num_workers)
     return {"model_dir": str(model_dir), "data": str(data), "split": split, **result}
 
 
@@ -136,13 +139,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--caption-column", default="caption")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs")
-    parser.add_argument("--output", default=None, help="also write the JSON here")
+    add_output_file(parser)
+    add_device(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     results = run_retrieval_eval(args.model, args.data, source=args.source, split=args.split,
                                  batch_size=args.batch_size, num_workers=args.num_workers,
                                  image_column=args.image_column, caption_column=args.caption_column,
-                                 limit=args.limit)
+                                 limit=args.limit, device=args.device)
     print(write_json(results, args.output))
     return 0

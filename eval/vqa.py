@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from defocus_vlm.cli_options import add_device
 from defocus_vlm.data.vqa import BENCHMARKS, VQASample, build_prompt, get_benchmark, read_benchmark
 from defocus_vlm.inference import VLMAnswerer
 
@@ -201,7 +202,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_device(parser)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument(
         "--output-dir", default=None, help="where predictions.jsonl and metrics.json go (default: runs/vqa/...)"

@@ -110,10 +110,12 @@ def evaluate_zeroshot(model, tokenizer, dataset, classnames: Sequence[str], temp
 
 def run_zeroshot_eval(model_dir: str | Path, data: str | Path, classnames: str, templates: str | None = None,
                       split: str = "val", batch_size: int = 256, num_workers: int = 0, source: str = "auto",
-                      image_column: str = "image", label_column: str = "label", limit: int = 0) -> dict:
+                      image_column: str = "image", label_column: str = "label", limit: int = 0,
+                      device: str = "auto") -> dict:
     from transformers import AutoProcessor
 
     from defocus_vlm.data.classification import ClassificationDataset, open_source
+    from defocus_vlm.inference import resolve_device
     from defocus_vlm.modeling_clip import load_clip
     from defocus_vlm.user_files import check_model_dir
 
@@ -122,7 +124,7 @@ def run_zeroshot_eval(model_dir: str | Path, data: str | Path, classnames: str, 
     names = load_classnames(classnames)
     prompts = load_templates(templates, classnames)
     check_model_dir(model_dir, "defocus_clip")  # before any data is read
-    model = load_clip(model_dir).eval()
+    model = load_clip(model_dir).eval().to(resolve_device(device))
     processor = AutoProcessor.from_pretrained(model_dir)
     src = open_source(source, data, split, image_column, label_column)
     if len(src.classes) != len(names):
@@ -133,8 +135,8 @@ def run_zeroshot_eval(model_dir: str | Path, data: str | Path, classnames: str, 
         return processor.image_processor(img, return_tensors="pt")["pixel_values"][0]
 
     dataset = ClassificationDataset(src, transform, limit=limit)
-    result = evaluate_zeroshot(model, processor.tokenizer, dataset, names, prompts, batch_size=batch_size,
-                               num_workers=num_workers)
+    result = evaluate_zeroshot(model, processor.tokenizer, dataset, names, prompts, device=model.device,
+                               batch_size=batch_size, num_workers=num_workers)
     return {"model_dir": str(model_dir), "data": str(data), "split": split, "classes": len(names),
             "templates": len(prompts), **result}
 
@@ -151,6 +153,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     results = run_zeroshot_eval(args.model, args.data, args.classnames, args.templates, split=args.split,
                                 batch_size=args.batch_size, num_workers=args.num_workers, source=args.source,
-                                image_column=args.image_column, label_column=args.label_column, limit=args.limit)
+                                image_column=args.image_column, label_column=args.label_column, limit=args.limit,
+                                device=args.device)
     print(write_json(results, args.output))
     return 0

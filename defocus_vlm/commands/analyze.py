@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from defocus_vlm.cli_options import add_device, add_output_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, metavar="MODEL",
@@ -24,14 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", required=True, metavar="IMAGE",
                         help="image file or fashion-mnist:N (repeatable)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="block indices (default: the paper's)")
-    parser.add_argument("--out", required=True, help="output directory for the figures and metrics.json")
+    add_output_dir(parser, help="output directory for the figures and metrics.json")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--rows-per-pass", type=int, default=None,
                         help="attention-map rows vectorised per backward pass (default: 1 on CPU, 32 on CUDA)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from defocus_vlm.inference import resolve_device
+
     try:
         import matplotlib  # noqa: F401 - checked before any work
     except ImportError as err:
@@ -41,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     results, images = analyze(args.model, args.image, args.layers, batch_size=args.batch_size,
-                              rows_per_pass=args.rows_per_pass, device=args.device, progress=True)
-    out = Path(args.out)
+                              rows_per_pass=args.rows_per_pass, device=str(resolve_device(args.device)),
+                              progress=True)
+    out = Path(args.output_dir)
     written = save_figures(results, images, out)
     metrics = report(results, images)
     metrics["seconds"] = round(time.perf_counter() - start, 2)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from defocus_vlm.cli_options import add_device
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="exported vision-language model directory")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("question", nargs="?", default=None, help="the question (omit for an interactive chat)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    add_device(parser)
 
 
 def reply(answerer, messages: list[dict], image, max_new_tokens: int, out=None) -> str:

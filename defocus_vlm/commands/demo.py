@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from defocus_vlm.cli_options import add_output_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="where every stage, result and figure goes (runs/demo)")
+    add_output_dir(parser, help="where every stage, result and figure goes (runs/demo)", required=False,
+                   default="runs/demo")
     parser.add_argument("--force", action="store_true", help="re-run finished steps instead of reusing them")
     parser.add_argument("--fast", action="store_true",
                         help="two training steps per stage and small evaluations: checks the plumbing in ~2 min")
@@ -21,5 +24,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from defocus_vlm.demo import run_demo
 
-    run_demo(args.out, force=args.force, fast=args.fast, jobs=args.jobs)
+    run_demo(args.output_dir, force=args.force, fast=args.fast, jobs=args.jobs)
     return 0

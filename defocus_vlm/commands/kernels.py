@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from defocus_vlm.cli_options import add_device
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_device(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -47,11 +49,10 @@ def probe(device: str, dtype: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available here")
+    from defocus_vlm.inference import resolve_device
+
+    device = str(resolve_device(args.device))
     info = probe(device, args.dtype)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -10,10 +10,12 @@ import argparse
 import json
 import sys
 
+from defocus_vlm.cli_options import add_output_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="LoRA adapter directory (a LoRA run's model/ folder)")
-    parser.add_argument("--out", required=True, help="where the merged model goes")
+    add_output_dir(parser, help="where the merged model goes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
     from defocus_vlm.training.lora import merge_lora
 
-    if Path(args.out).resolve() == Path(args.model).resolve():
+    if Path(args.output_dir).resolve() == Path(args.model).resolve():
         raise ValueError("--out must differ from --model (the adapter would be overwritten)")
-    out = merge_lora(args.model, args.out)
+    out = merge_lora(args.model, args.output_dir)
     print(json.dumps({"merged": str(out)}), file=sys.stdout)
     return 0
