@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def build_options(portable: bool = False) -> dict:
     ``portable`` builds the generic-vector code path only (what CPUs without AVX-512 run), under
     its own name and op namespace so that both can be loaded in one process."""
     cap = _capability()
-    flags = ["-O3", "-fopenmp", *(_ISA_FLAGS.get(cap, []) if _is_x86() else [])]
+    # -Wno-psabi: 64-byte vectors passed between inline functions on CPUs without AVX-512 (internal)
+    flags = ["-O3", "-fopenmp", "-Wno-psabi", *(_ISA_FLAGS.get(cap, []) if _is_x86() else [])]
     name = f"defocus_selective_scan_cpu_{cap.lower()}"
     if portable:
         flags += ["-DDEFOCUS_SCAN_GENERIC", f"-DDEFOCUS_SCAN_NAMESPACE={PORTABLE_NAMESPACE}"]
@@ -140,18 +142,9 @@ class _FusedScan(torch.autograd.Function):
                 dh0 if h0 is not None else None, None, None)
 
 
-def fused_selective_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    tile: int = DEFAULT_TILE,
-    portable: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                         z: Tensor | None = None, initial_state: Tensor | None = None, *, tile: int = DEFAULT_TILE,
+                         portable: bool = False) -> tuple[Tensor, Tensor]:
     """The fused scan on CPU: y (B, D, L) and the last state (B, D, N), both in the compute dtype
     (float64 for float64 u, float32 otherwise; half inputs are upcast, as the reference does).
     Differentiable in every tensor argument (first order). Raises when the op is unavailable.

@@ -36,6 +36,7 @@
 #endif
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -157,31 +158,24 @@ inline typename Simd<T>::V reduce_rows(typename Simd<T>::V* p, const Masks<T>& m
 constexpr double kLog2e = 1.4426950408889634074;
 
 // 2^f on |f| <= 1/2: polynomials interpolating at Chebyshev nodes (near-minimax; truncation error
-// 2.5e-9 in float32, 4e-18 in float64, below half an ulp).
-inline Simd<float>::V exp2_poly(Simd<float>::V f) {
-  auto p = splat(1.5461444698569129083e-4f);
-  p = p * f + 1.340042817761583794e-3f;
-  p = p * f + 9.6180566785246380754e-3f;
-  p = p * f + 5.5503272266703020589e-2f;
-  p = p * f + 2.4022650922288758071e-1f;
-  p = p * f + 6.9314720670283259577e-1f;
-  return p * f + 1.0f;
+// 2.5e-9 in float32, 4e-18 in float64, below half an ulp), highest power first.
+constexpr float kExp2Float[] = {1.5461444698569129083e-4f, 1.340042817761583794e-3f, 9.6180566785246380754e-3f,
+                                5.5503272266703020589e-2f, 2.4022650922288758071e-1f, 6.9314720670283259577e-1f,
+                                1.0f};
+constexpr double kExp2Double[] = {4.455817908336064493e-10, 7.0741942972885210056e-9, 1.0178057087733941105e-7,
+                                  1.3215432535912376166e-6, 1.5252733841556772589e-5, 1.5403530463724354209e-4,
+                                  1.3333558146406470697e-3, 9.6181291075872566681e-3, 5.5504108664821627039e-2,
+                                  2.4022650695910159567e-1, 6.9314718055994530925e-1, 1.0};
+
+template <typename V, typename E, size_t M>
+inline V horner(V f, const E (&c)[M]) {
+  V p = splat(c[0]);
+  for (size_t i = 1; i < M; ++i) p = p * f + c[i];
+  return p;
 }
 
-inline Simd<double>::V exp2_poly(Simd<double>::V f) {
-  auto p = splat(4.455817908336064493e-10);
-  p = p * f + 7.0741942972885210056e-9;
-  p = p * f + 1.0178057087733941105e-7;
-  p = p * f + 1.3215432535912376166e-6;
-  p = p * f + 1.5252733841556772589e-5;
-  p = p * f + 1.5403530463724354209e-4;
-  p = p * f + 1.3333558146406470697e-3;
-  p = p * f + 9.6181291075872566681e-3;
-  p = p * f + 5.5504108664821627039e-2;
-  p = p * f + 2.4022650695910159567e-1;
-  p = p * f + 6.9314718055994530925e-1;
-  return p * f + 1.0;
-}
+inline Simd<float>::V exp2_poly(Simd<float>::V f) { return horner(f, kExp2Float); }
+inline Simd<double>::V exp2_poly(Simd<double>::V f) { return horner(f, kExp2Double); }
 
 // 2^x = 2^k 2^f with k = round(x), f = x - k. NaN stays NaN.
 #ifdef DEFOCUS_SCAN_AVX512
@@ -204,32 +198,33 @@ inline Simd<double>::V vexp2(Simd<double>::V xv) {
 // Portable: k by the 1.5 * 2^mantissa rounding trick (k then sits in the low bits of x + magic);
 // 2^k applied as two factors 2^(k/2) so that results down to the subnormals and up to overflow
 // come out right. x is clamped where 2^x has already underflowed / overflowed.
-inline Simd<float>::V vexp2(Simd<float>::V x) {
-  using V = Simd<float>::V;
-  using I = Simd<float>::I;
-  x = x < splat(-151.0f) ? splat(-151.0f) : x;
-  x = x > splat(129.0f) ? splat(129.0f) : x;
-  const V magic = splat(12582912.0f);  // 1.5 * 2^23
-  const V t = x + magic;
-  const V kf = t - magic;
-  const V p = exp2_poly(x - kf);
-  const I k = (I)t - (I)magic;
-  const I k1 = k >> 1, k2 = k - k1;
-  return p * (V)((k1 + 127) << 23) * (V)((k2 + 127) << 23);
-}
+template <typename T>
+struct Bits;  // IEEE layout: exponent bias, mantissa bits, 2^x underflows / overflows beyond lo / hi
+template <>
+struct Bits<float> {
+  static constexpr int bias = 127, mantissa = 23;
+  static constexpr float lo = -151.0f, hi = 129.0f;
+};
+template <>
+struct Bits<double> {
+  static constexpr int bias = 1023, mantissa = 52;
+  static constexpr double lo = -1076.0, hi = 1025.0;
+};
 
-inline Simd<double>::V vexp2(Simd<double>::V x) {
-  using V = Simd<double>::V;
-  using I = Simd<double>::I;
-  x = x < splat(-1076.0) ? splat(-1076.0) : x;
-  x = x > splat(1025.0) ? splat(1025.0) : x;
-  const V magic = splat(6755399441055744.0);  // 1.5 * 2^52
+template <typename V>
+inline V vexp2(V x) {
+  using E = std::decay_t<decltype(x[0])>;
+  using I = typename Simd<E>::I;
+  using Bt = Bits<E>;
+  x = x < splat(Bt::lo) ? splat(Bt::lo) : x;
+  x = x > splat(Bt::hi) ? splat(Bt::hi) : x;
+  const V magic = splat(E(1.5) * E(int64_t{1} << Bt::mantissa));
   const V t = x + magic;
   const V kf = t - magic;
   const V p = exp2_poly(x - kf);
   const I k = (I)t - (I)magic;
   const I k1 = k >> 1, k2 = k - k1;
-  return p * (V)((k1 + 1023) << 52) * (V)((k2 + 1023) << 52);
+  return p * (V)((k1 + Bt::bias) << Bt::mantissa) * (V)((k2 + Bt::bias) << Bt::mantissa);
 }
 #endif
 
@@ -390,11 +385,49 @@ void store_state(const Shape& s, T* dst, int64_t b, int64_t d0, int64_t nvalid, 
     for (int64_t n = 0; n < s.nstate; ++n) dst[((b * s.dim) + d0 + j) * s.nstate + n] = h[n * W<T> + j];
 }
 
+// One step of the recurrence for a block: h_out = exp(delta A) h_in + delta u B_t (h_out may be
+// h_in), y = C_t . h_out per lane (before D and the gate); with kStoreDecay, exp(delta A) -> decay.
+// dt, u: this step's (W,) lanes; a2: A log2(e) as (N, W); Bt / Ct: B / C at this step, stride bsr / csr.
+template <typename T, bool kStoreDecay>
+inline void scan_step(int64_t N, const T* Bt, int64_t bsr, const T* Ct, int64_t csr, const T* a2, const T* dt_in,
+                      const T* u_in, const T* h_in, T* h_out, T* decay, typename Simd<T>::V* y) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = Simd<T>::lanes, Wt = W<T>;
+  V dt[K], du[K];
+  for (int64_t k = 0; k < K; ++k) {
+    dt[k] = ld(dt_in + k * L);
+    du[k] = dt[k] * ld(u_in + k * L);
+    y[k] = V{};
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const T bn = Bt[n * bsr], cn = Ct[n * csr];
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t o = n * Wt + k * L;
+      const V e = vexp2(dt[k] * ld(a2 + o));
+      if constexpr (kStoreDecay) st(decay + o, e);
+      const V hv = e * ld(h_in + o) + du[k] * bn;
+      st(h_out + o, hv);
+      y[k] += cn * hv;
+    }
+  }
+}
+
+// The op's inputs, as the kernels read them.
 template <typename T>
-struct FwdArgs {
+struct Inputs {
   View3<T> u, delta, z, B, C;
   const T *A, *D, *h0;
-  T *y, *last, *ckpt;
+  Inputs(const at::Tensor& u_, const at::Tensor& delta_, const at::Tensor& A_, const at::Tensor& B_,
+         const at::Tensor& C_, const std::optional<at::Tensor>& D_, const std::optional<at::Tensor>& z_,
+         const std::optional<at::Tensor>& h0_)
+      : u(u_), delta(delta_), z(z_ ? View3<T>(*z_) : View3<T>()), B(B_), C(C_), A(A_.data_ptr<T>()),
+        D(D_ ? D_->data_ptr<T>() : nullptr), h0(h0_ ? h0_->data_ptr<T>() : nullptr) {}
+};
+
+template <typename T>
+struct FwdArgs : Inputs<T> {
+  using Inputs<T>::Inputs;
+  T *y = nullptr, *last = nullptr, *ckpt = nullptr;
 };
 
 template <typename T>
@@ -433,24 +466,9 @@ void forward_block(const Shape& s, const FwdArgs<T>& a, int64_t b, int64_t blk, 
     else if (next >= 0)
       fetch(next / s.nblocks, (next % s.nblocks) * Wt, 0, std::min(s.tile, s.length));
     for (int64_t t = 0; t < tl; ++t) {
-      const T* Bt = a.B.row(b, 0) + (t0 + t) * a.B.st;  // B[b, n, t0 + t] = Bt[n * bsr]
-      const T* Ct = a.C.row(b, 0) + (t0 + t) * a.C.st;
-      V dt[K], du[K], y[K];
-      for (int64_t k = 0; k < K; ++k) {
-        dt[k] = ld(db + t * Wt + k * L);
-        du[k] = dt[k] * ld(ub + t * Wt + k * L);
-        y[k] = V{};
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        const T bn = Bt[n * bsr], cn = Ct[n * csr];
-        T* hn = h + n * Wt;
-        const T* an = a2_loc + n * Wt;
-        for (int64_t k = 0; k < K; ++k) {
-          const V hv = vexp2(dt[k] * ld(an + k * L)) * ld(hn + k * L) + du[k] * bn;
-          st(hn + k * L, hv);
-          y[k] += cn * hv;
-        }
-      }
+      V y[K];
+      scan_step<T, false>(N, a.B.row(b, 0) + (t0 + t) * a.B.st, bsr, a.C.row(b, 0) + (t0 + t) * a.C.st, csr, a2_loc,
+                          db + t * Wt, ub + t * Wt, h, h, nullptr, y);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t o = t * Wt + k * L;
         V v = y[k] + ld(d_loc + k * L) * ld(ub + o);
@@ -467,10 +485,12 @@ void forward_block(const Shape& s, const FwdArgs<T>& a, int64_t b, int64_t blk, 
 }
 
 template <typename T>
-struct BwdArgs {
-  View3<T> u, delta, z, B, C, dy;
-  const T *A, *D, *h0, *ckpt, *dlast;
-  T *du, *ddelta, *dz, *dA_part, *dBC, *dD_part, *dh0;
+struct BwdArgs : Inputs<T> {
+  using Inputs<T>::Inputs;
+  View3<T> dy;
+  const T *ckpt = nullptr, *dlast = nullptr;
+  T *du = nullptr, *ddelta = nullptr, *dz = nullptr, *dA_part = nullptr, *dBC = nullptr, *dD_part = nullptr,
+    *dh0 = nullptr;
 };
 
 // Workspace of backward_block, in elements of T.
@@ -538,28 +558,9 @@ void backward_block(const Shape& s, const BwdArgs<T>& a, int64_t b, int64_t blk,
     }
     // recompute the tile's decays and states from its checkpoint (and, with z, the gate's input)
     for (int64_t t = 0; t < tl; ++t) {
-      const T* Bt = a.B.row(b, 0) + (t0 + t) * a.B.st;
-      const T* Ct = a.C.row(b, 0) + (t0 + t) * a.C.st;
-      V dt[K], du[K], y[K];
-      for (int64_t k = 0; k < K; ++k) {
-        dt[k] = ld(db + t * Wt + k * L);
-        du[k] = dt[k] * ld(ub + t * Wt + k * L);
-        y[k] = V{};
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        const T bn = Bt[n * bsr], cn = Ct[n * csr];
-        const T* hp = hs + (t * N + n) * Wt;
-        T* hn = hs + ((t + 1) * N + n) * Wt;
-        T* an = decay + (t * N + n) * Wt;
-        const T* A2n = a2_loc + n * Wt;
-        for (int64_t k = 0; k < K; ++k) {
-          const V e = vexp2(dt[k] * ld(A2n + k * L));
-          st(an + k * L, e);
-          const V hv = e * ld(hp + k * L) + du[k] * bn;
-          st(hn + k * L, hv);
-          y[k] += cn * hv;
-        }
-      }
+      V y[K];
+      scan_step<T, true>(N, a.B.row(b, 0) + (t0 + t) * a.B.st, bsr, a.C.row(b, 0) + (t0 + t) * a.C.st, csr, a2_loc,
+                         db + t * Wt, ub + t * Wt, hs + t * N * Wt, hs + (t + 1) * N * Wt, decay + t * N * Wt, y);
       if (a.z.p) {
         for (int64_t k = 0; k < K; ++k) {
           const int64_t o = t * Wt + k * L;
@@ -661,15 +662,7 @@ template <typename T>
 void run_fwd(const Shape& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
              const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
              const std::optional<at::Tensor>& h0, at::Tensor& y, at::Tensor& last, at::Tensor& ckpt, bool save) {
-  FwdArgs<T> a;
-  a.u = View3<T>(u);
-  a.delta = View3<T>(delta);
-  if (z) a.z = View3<T>(*z);
-  a.B = View3<T>(B);
-  a.C = View3<T>(C);
-  a.A = A.data_ptr<T>();
-  a.D = D ? D->data_ptr<T>() : nullptr;
-  a.h0 = h0 ? h0->data_ptr<T>() : nullptr;
+  FwdArgs<T> a(u, delta, A, B, C, D, z, h0);
   a.y = y.data_ptr<T>();
   a.last = last.data_ptr<T>();
   a.ckpt = save && s.ntiles > 1 ? ckpt.data_ptr<T>() : nullptr;
@@ -719,16 +712,8 @@ Grads run_bwd(const Shape& s, const at::Tensor& u, const at::Tensor& delta, cons
   auto dBC = at::empty({2, s.batch, s.groups, s.nstate, s.length}, opt);
   auto dD_part = at::empty({D ? s.batch : 0, s.dim}, opt);
   auto dh0 = at::empty({h0 ? s.batch : 0, s.dim, s.nstate}, opt);
-  BwdArgs<T> a;
-  a.u = View3<T>(u);
-  a.delta = View3<T>(delta);
-  if (z) a.z = View3<T>(*z);
-  a.B = View3<T>(B);
-  a.C = View3<T>(C);
+  BwdArgs<T> a(u, delta, A, B, C, D, z, h0);
   a.dy = View3<T>(dy);
-  a.A = A.data_ptr<T>();
-  a.D = D ? D->data_ptr<T>() : nullptr;
-  a.h0 = h0 ? h0->data_ptr<T>() : nullptr;
   a.ckpt = s.ntiles > 1 ? ckpt.data_ptr<T>() : nullptr;
   a.dlast = dlast ? dlast->data_ptr<T>() : nullptr;
   a.du = du.data_ptr<T>();
