@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> (module under defocus_vlm.commands, one-line help)
@@ -25,6 +26,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# glibc's malloc hands large freed blocks back to the OS (mmap threshold, heap trimming) and every
+# training step then faults the same pages in again: with the fused scan off, a De-focus Mamba tiny
+# step spends half its time there. Raising both thresholds keeps the memory in the process (its
+# resident size stays at the peak). mallopt() from inside the process caps the mmap threshold at
+# 32 MB, which recovers much less, so the CLI re-executes itself once with the tunables set
+# (benchmarks/README.md, "Allocator"). Opt out: DEFOCUS_MALLOC_TUNING=0; a GLIBC_TUNABLES value
+# the user set is kept as it is.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+MALLOC_OPT_OUT = "DEFOCUS_MALLOC_TUNING"
+
+
+def _is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # not a glibc system
+        return False
+
+
+def malloc_reexec_command(environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]] | None:
+    """(argv, environment) to re-execute this process with :data:`MALLOC_TUNABLES`, or None when
+    it should run as it is: opted out, GLIBC_TUNABLES already set, not glibc Linux, or the original
+    command line unknown."""
+    env = dict(os.environ if environ is None else environ)
+    if env.get(MALLOC_OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if "GLIBC_TUNABLES" in env or not sys.platform.startswith("linux") or not _is_glibc():
+        return None
+    argv = list(getattr(sys, "orig_argv", []) or [])
+    if not argv:
+        return None
+    env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    return argv, env
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defocus-vlm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -37,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a real command line (not a call from Python): start over with the allocator tuned
+        command = malloc_reexec_command()
+        if command is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            try:
+                os.execve(sys.executable, *command)
+            except OSError:  # could not re-execute: carry on with the allocator as it is
+                pass
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)

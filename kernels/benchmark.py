@@ -1,7 +1,15 @@
 """Kernel benchmarks: every available backend of every op, forward and forward+backward.
 
+The backends of one op and shape run interleaved (repeat r of each before repeat r + 1 of any)
+and report medians, so load on a shared machine hits them alike; forward+backward differentiates a
+fixed random cotangent of the output (no loss ops inside the timing).
+
 Memory: on CUDA the peak allocated memory; on CPU (no peak counter exists) the bytes that
 autograd saves for the backward pass, which is what grows with sequence length.
+
+Selective-scan rows also give the bytes the op must move at least (its inputs read once, its
+outputs written once: :func:`scan_floor_bytes`), that over the time, and the time that traffic
+takes at the triad bandwidth measured in the same run (:func:`triad_bandwidth`).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from .selective_scan import BACKENDS as SCAN_BACKENDS
 from .selective_scan import selective_scan
 
 WIDTHS = {"small": 384, "base": 768}  # model width; heads of 64, d_inner = 2 * width, d_state 16
+SCAN_STATE = 16
 
 
 def _sync(device: torch.device) -> None:
@@ -76,6 +85,68 @@ def time_call(fn: Callable[[], torch.Tensor], backward: bool, device: torch.devi
     return statistics.median(times), mem
 
 
+def time_interleaved(calls: dict[str, Callable[[], torch.Tensor]], backward: bool, device: torch.device,
+                     repeats: int, leaves: tuple = (), warmup: int = 1) -> dict[str, tuple[float, float]]:
+    """Median milliseconds and memory in MB of each call (and its backward when asked), the calls
+    run round-robin. The backward differentiates one fixed random cotangent; the leaves' grads are
+    cleared before every run (outside the timing) so no accumulation is timed."""
+    cotangent: dict[tuple, torch.Tensor] = {}
+
+    def once(fn: Callable[[], torch.Tensor]) -> tuple[float, float]:
+        for t in leaves:
+            t.grad = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        start = time.perf_counter()
+        with _SavedBytes() as saved:
+            out = fn()
+            if backward:
+                key = (tuple(out.shape), out.dtype)
+                if key not in cotangent:
+                    g = torch.Generator(device="cpu").manual_seed(1)
+                    cotangent[key] = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+                out.backward(cotangent[key])
+        _sync(device)
+        ms = (time.perf_counter() - start) * 1e3
+        mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else saved.total / 2**20
+        return ms, mem
+
+    for _ in range(warmup):
+        for fn in calls.values():
+            once(fn)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    mem: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            ms, mem[name] = once(fn)
+            times[name].append(ms)
+    return {name: (statistics.median(times[name]), mem[name]) for name in calls}
+
+
+def triad_bandwidth(n: int = 1 << 24, repeats: int = 10) -> float:
+    """STREAM triad a = b + s * c on float32 arrays far beyond the caches, with torch's current
+    threads: best-of GB/s, counting 12 bytes per element (two reads, one write) as STREAM does."""
+    b, c, a = torch.rand(n), torch.rand(n), torch.empty(n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        best = min(best, time.perf_counter() - start)
+    return 12 * n / best / 1e9
+
+
+def scan_floor_bytes(batch: int, dim: int, length: int, nstate: int, itemsize: int, backward: bool) -> int:
+    """Least traffic of one selective scan (no D, z or initial state): forward reads u, delta, B, C
+    and writes y and the last state; the backward also reads u, delta, dy, B, C and writes du,
+    delta's gradient, dB, dC (A's, (D, N), is negligible)."""
+    seq, bc, state = batch * dim * length, batch * nstate * length, batch * dim * nstate
+    elements = 3 * seq + 2 * bc + state
+    if backward:
+        elements += 5 * seq + 4 * bc
+    return elements * itemsize
+
+
 def _inputs(op: str, width: int, length: int, device: torch.device, dtype: torch.dtype, grad: bool,
             batch: int = 1):
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -89,8 +160,8 @@ def _inputs(op: str, width: int, length: int, device: torch.device, dtype: torch
     if op == "selective_scan":
         u = r(batch, inner, length)
         delta = (torch.rand(batch, inner, length, generator=g) * 0.1).to(device, dtype).requires_grad_(grad)
-        a = (-torch.arange(1, 17, dtype=torch.float32).repeat(inner, 1)).to(device).requires_grad_(grad)
-        return u, delta, a, r(batch, 16, length), r(batch, 16, length)
+        a = (-torch.arange(1, SCAN_STATE + 1, dtype=torch.float32).repeat(inner, 1)).to(device).requires_grad_(grad)
+        return u, delta, a, r(batch, SCAN_STATE, length), r(batch, SCAN_STATE, length)
     return r(batch, inner, length), r(inner, 4), r(inner)
 
 
@@ -128,6 +199,10 @@ def _op_calls(op: str, args, device: torch.device) -> dict[str, Callable[[], tor
 
 
 def _usable(op: str, name: str, device: torch.device) -> bool:
+    if name == "fused":  # the C++ CPU scan, when it builds here
+        from .selective_scan_cpu import fused_available
+
+        return device.type == "cpu" and fused_available()
     needs = {"mamba_ssm": "mamba_ssm.ops.selective_scan_interface", "causal_conv1d": "causal_conv1d",
              "fla": "fla.ops.simple_gla", "triton": "triton", "flex": "torch.nn.attention.flex_attention"}
     if name in needs:
@@ -135,49 +210,77 @@ def _usable(op: str, name: str, device: torch.device) -> bool:
     return name != "torch" or op != "causal_conv1d"  # "torch" is an alias of the reference there
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"BATCH,WIDTH,LENGTH" (model width: d_inner = 2 * width) -> ints."""
+    try:
+        batch, width, length = (int(v) for v in text.split(","))
+    except ValueError as err:
+        raise ValueError(f"a shape is BATCH,WIDTH,LENGTH (e.g. 128,64,50), got {text!r}") from err
+    if min(batch, width, length) < 1 or width % 64:
+        raise ValueError(f"shape {text!r}: positive sizes, width a multiple of 64 (heads of 64)")
+    return batch, width, length
+
+
 def run_kernel_benchmarks(device: str = "cpu", ops: list[str] | None = None, lengths: list[int] | None = None,
                           widths: list[str] | None = None, repeats: int = 3, dtype: str = "float32",
                           max_sequential_length: int | None = None,
-                          progress: Callable[[str], None] | None = None) -> dict:
+                          progress: Callable[[str], None] | None = None,
+                          shapes: list[tuple[int, int, int]] | None = None) -> dict:
     """Time every usable backend. Token-by-token loops (the sequential scan reference and the
     recurrent retention) are skipped above ``max_sequential_length`` (default: 1024 on CPU),
-    where one fwd+bwd takes minutes; their rows are then absent, not estimated."""
+    where one fwd+bwd takes minutes; their rows are then absent, not estimated. ``shapes``
+    ((batch, width, length) each) replaces the widths x lengths grid (batch 1)."""
     dev = torch.device(device)
     dt = getattr(torch, dtype)
     if max_sequential_length is None:
         max_sequential_length = 1024 if dev.type == "cpu" else 1 << 30
     ops = ops or ["attention", "retention", "selective_scan", "causal_conv1d"]
+    if shapes is None:
+        shapes = [(1, WIDTHS[w], length) for w in widths or list(WIDTHS) for length in lengths or [197, 1024, 4096]]
+    names = {v: k for k, v in WIDTHS.items()}
+    bandwidth = triad_bandwidth() if dev.type == "cpu" and "selective_scan" in ops else None
     rows = []
     for op in ops:
-        for width_name in widths or list(WIDTHS):
-            for length in lengths or [197, 1024, 4096]:
-                for backward in (False, True):
-                    args = _inputs(op, WIDTHS[width_name], length, dev, dt, backward)
-                    results = {}
-                    for name, call in _op_calls(op, args, dev).items():
-                        if not name.startswith("baseline:") and not _usable(op, name, dev):
-                            continue
-                        sequential = (op, name) in (("selective_scan", "reference"), ("retention", "recurrent"))
-                        if sequential and length > max_sequential_length:
-                            continue
-                        if progress:
-                            progress(f"{op} {name} {width_name} L={length} {'fwd+bwd' if backward else 'fwd'}")
-                        for t in args:
-                            t.grad = None
-                        ms, mem = time_call(call, backward, dev, repeats)
-                        results[name] = (ms, mem)
-                    ref = results.get("reference", results.get("parallel"))
-                    base = next((v for k, v in results.items() if k.startswith("baseline:")), None)
-                    for name, (ms, mem) in results.items():
-                        rows.append({
-                            "op": op, "backend": name, "width": width_name, "length": length,
-                            "mode": "fwd+bwd" if backward else "fwd", "ms": round(ms, 3), "mem_mb": round(mem, 2),
-                            "speedup_vs_reference": round(ref[0] / ms, 2) if ref else None,
-                            "time_ratio_to_baseline": round(ms / base[0], 2) if base else None,
-                        })
-    return {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "torch": torch.__version__,
-            "memory": "peak allocated (CUDA)" if dev.type == "cuda" else "bytes saved for backward (CPU)",
-            "rows": rows}
+        for batch, width, length in shapes:
+            for backward in (False, True):
+                args = _inputs(op, width, length, dev, dt, backward, batch)
+                calls = {}
+                for name, call in _op_calls(op, args, dev).items():
+                    if not name.startswith("baseline:") and not _usable(op, name, dev):
+                        continue
+                    sequential = (op, name) in (("selective_scan", "reference"), ("retention", "recurrent"))
+                    if sequential and length > max_sequential_length:
+                        continue
+                    calls[name] = call
+                mode = "fwd+bwd" if backward else "fwd"
+                if progress:
+                    progress(f"{op} {', '.join(calls)} batch={batch} width={width} L={length} {mode}")
+                results = time_interleaved(calls, backward, dev, repeats, leaves=args if backward else ())
+                ref = results.get("reference", results.get("parallel"))
+                base = next((v for k, v in results.items() if k.startswith("baseline:")), None)
+                for name, (ms, mem) in results.items():
+                    row = {
+                        "op": op, "backend": name, "batch": batch, "width": names.get(width, str(width)),
+                        "length": length, "mode": mode, "ms": round(ms, 3), "mem_mb": round(mem, 2),
+                        "speedup_vs_reference": round(ref[0] / ms, 2) if ref else None,
+                        "time_ratio_to_baseline": round(ms / base[0], 2) if base else None,
+                    }
+                    if op == "selective_scan":
+                        moved = scan_floor_bytes(batch, 2 * width, length, SCAN_STATE, args[0].element_size(), backward)
+                        row["floor_mb"] = round(moved / 1e6, 3)
+                        row["floor_gb_per_s"] = round(moved / ms / 1e6, 2)
+                        if bandwidth:
+                            row["x_memory_floor"] = round(ms / (moved / bandwidth / 1e6), 1)
+                    rows.append(row)
+    out = {"device": str(dev), "device_name": _device_name(dev), "dtype": dtype, "torch": torch.__version__,
+           "memory": "peak allocated (CUDA)" if dev.type == "cuda" else "bytes saved for backward (CPU)",
+           "timing": f"median of {repeats}, backends interleaved; fwd+bwd differentiates a fixed random cotangent",
+           "rows": rows}
+    if bandwidth:
+        out["triad_gb_per_s"] = round(bandwidth, 2)
+        out["floor"] = ("floor_mb: least bytes the scan moves (inputs read once, outputs written once); "
+                        "floor_gb_per_s = floor_mb / ms; x_memory_floor = ms / (floor_mb at the triad bandwidth)")
+    return out
 
 
 def _device_name(dev: torch.device) -> str:

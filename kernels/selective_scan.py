@@ -7,6 +7,8 @@ Half-precision inputs are computed in float32 and returned in the input dtype.
 
 Backends
 - ``reference``: the recurrence, one token at a time (the source of truth).
+- ``fused``: a C++ op built just in time (``selective_scan_cpu``), forward and backward in one
+  pass each over the sequence with the state in L1, threads over (batch, channel blocks); CPU.
 - ``chunked``: exact chunked scan in PyTorch. Inside a chunk h_t is a cumulative sum
   rescaled by exp(P_t) with P the running log-decay; chunks are sized from the data so
   that exp(-P) never exceeds exp(limit), which keeps it exact and overflow-free. Chunk
@@ -126,25 +128,38 @@ def _triton(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CUDA (or the 
     return y, last.to(_compute_dtype(u))
 
 
-BACKENDS = {"reference": _reference, "chunked": _chunked, "mamba_ssm": _mamba_ssm, "triton": _triton}
+def _fused(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CPU, C++ built just in time
+    from .selective_scan_cpu import fused_selective_scan
+
+    return fused_selective_scan(u, delta, A, B, C, D, z, initial_state)
+
+
+BACKENDS = {"reference": _reference, "chunked": _chunked, "fused": _fused, "mamba_ssm": _mamba_ssm,
+            "triton": _triton}
+
+
+def auto_backend(device: torch.device | str) -> str:
+    """The backend ``backend="auto"`` picks for tensors on ``device`` (without the
+    ``DEFOCUS_KERNELS`` override). On CPU this builds the fused op the first time it is asked."""
+    if torch.device(device).type == "cuda":
+        from .registry import importable
+
+        if importable("mamba_ssm.ops.selective_scan_interface"):
+            return "mamba_ssm"
+        if importable("triton"):
+            return "triton"
+        return "reference"
+    # CPU (never triton: there it only runs in the slow interpreter). The fused C++ scan when it
+    # builds (benchmarks/cpu_fused_scan.json); else the token-by-token recurrence, the fastest
+    # PyTorch form forward and backward (1.3-3x the chunked scan forward, 3-13x forward+backward
+    # at 197-4096 tokens; benchmarks/cpu_selective_scan.json).
+    from .selective_scan_cpu import fused_available
+
+    return "fused" if fused_available() else "reference"
 
 
 def _auto_for(u: torch.Tensor):
-    def choose() -> str:
-        if u.is_cuda:
-            from .registry import importable
-
-            if importable("mamba_ssm.ops.selective_scan_interface"):
-                return "mamba_ssm"
-            if importable("triton"):
-                return "triton"
-        # CPU (never triton: there it only runs in the slow interpreter): the token-by-token
-        # recurrence touches each state once and is the fastest exact form, forward and backward
-        # (1.3-3x the chunked scan forward, 3-13x forward+backward at 197-4096 tokens;
-        # benchmarks/cpu_selective_scan.json).
-        return "reference"
-
-    return choose
+    return lambda: auto_backend(u.device)
 
 
 def selective_scan(

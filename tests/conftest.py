@@ -73,3 +73,15 @@ def _seed_and_clean_env(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def fused_scan_built() -> None:
+    """The fused CPU selective scan (a C++ op built just in time, once per machine: the build is
+    cached under TORCH_EXTENSIONS_DIR). Tests that need it skip, saying why, where it cannot be
+    built (no compiler or ninja)."""
+    from defocus_vlm.kernels.selective_scan_cpu import load_error
+
+    error = load_error()
+    if error is not None:
+        pytest.skip(f"the fused CPU selective scan could not be built here: {error}")

@@ -19,8 +19,13 @@ def test_help_lists_every_command(capsys):
 def test_kernels_reports_backends_and_env_override(capsys, monkeypatch):
     assert main(["kernels", "--device", "cpu", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["ops"]["selective_scan"]["backend"] == "reference"  # the recurrence, inference and training
-    assert info["ops_training"]["selective_scan"]["backend"] == "reference"
+    from defocus_vlm.kernels.selective_scan import auto_backend
+
+    scan = auto_backend("cpu")  # the fused C++ scan where it builds, else the recurrence
+    assert scan in ("fused", "reference")
+    assert info["ops"]["selective_scan"]["backend"] == scan  # inference and training alike
+    assert info["ops_training"]["selective_scan"]["backend"] == scan
+    assert info["fused_cpu_scan"]["built"] == (scan == "fused")
     assert info["ops"]["retention"]["backend"] == "parallel"
     monkeypatch.setenv("DEFOCUS_KERNELS", "selective_scan=chunked")
     assert main(["kernels", "--device", "cpu", "--json"]) == 0
@@ -80,3 +85,41 @@ def test_every_command_has_working_help(capsys):
         text = capsys.readouterr().out
         assert text.startswith("usage: defocus-vlm " + " ".join(path)), path
         assert len(text.split("\n\n", 1)[-1].strip()) > 20, f"{path}: help has no description"
+
+
+def test_cli_reexecs_once_with_malloc_tunables(monkeypatch):
+    """A real command line (main() without argv) restarts once, through execve, with GLIBC_TUNABLES
+    set on glibc Linux; the restarted process (GLIBC_TUNABLES set) does not; a user value and
+    DEFOCUS_MALLOC_TUNING=0 are respected; main(argv) from Python never re-executes."""
+    import argparse
+    import os
+    import sys
+
+    from defocus_vlm import cli
+
+    calls = []
+
+    def fake_execve(path, argv, env):  # record, then fail: main carries on in this process
+        calls.append((path, argv, env))
+        raise OSError("not here")
+
+    ran = argparse.Namespace(command="x", _run=lambda a: 0)
+    monkeypatch.setattr(cli, "build_parser", lambda: argparse.Namespace(parse_args=lambda argv: ran))
+    monkeypatch.setattr(os, "execve", fake_execve)
+    for name in ("GLIBC_TUNABLES", cli.MALLOC_OPT_OUT):
+        monkeypatch.delenv(name, raising=False)
+    glibc_linux = sys.platform.startswith("linux") and cli._is_glibc()
+
+    assert cli.main(["presets"]) == 0 and calls == []
+    assert cli.main() == 0
+    if glibc_linux:
+        assert calls == [(sys.executable, list(sys.orig_argv), {**os.environ, "GLIBC_TUNABLES": cli.MALLOC_TUNABLES})]
+    else:
+        assert calls == []
+    calls.clear()
+    for name, value in (("GLIBC_TUNABLES", cli.MALLOC_TUNABLES), ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2"),
+                        (cli.MALLOC_OPT_OUT, "0")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert cli.main() == 0
+    assert calls == []

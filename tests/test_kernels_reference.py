@@ -409,8 +409,7 @@ def _call_all():
 @pytest.mark.parametrize(
     "env, expected",
     [
-        (None, dict(attention="sdpa", retention="parallel", selective_scan="reference",
-                    causal_conv1d="torch")),
+        (None, dict(attention="sdpa", retention="parallel", selective_scan="auto", causal_conv1d="torch")),
         ("reference", dict(attention="reference", retention="reference", selective_scan="reference",
                            causal_conv1d="reference")),
         ("selective_scan=reference, retention=recurrent",
@@ -420,6 +419,8 @@ def _call_all():
 def test_env_var_selects_backend(monkeypatch, env, expected):
     if env is not None:
         monkeypatch.setenv(ENV_VAR, env)
+    if expected["selective_scan"] == "auto":  # the fused C++ scan where it builds, else the recurrence
+        expected = {**expected, "selective_scan": SCAN.auto_backend("cpu")}
     calls = {op: [] for op in expected}
     modules = dict(attention=ATTN, retention=RET, selective_scan=SCAN, causal_conv1d=CONV)
     for op, module in modules.items():
@@ -429,20 +430,23 @@ def test_env_var_selects_backend(monkeypatch, env, expected):
 
 
 def test_cpu_auto_rules():
-    """CPU: the recurrence for scans, with or without autograd; the parallel retention for short
-    inputs with a small score tensor, chunkwise otherwise."""
+    """CPU: the fused C++ scan (the recurrence where it cannot be built), with or without autograd;
+    the parallel retention for short inputs with a small score tensor, chunkwise otherwise."""
+    from defocus_vlm.kernels.selective_scan_cpu import fused_available
+
+    scan = "fused" if fused_available() else "reference"
     s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
-    assert SCAN._auto_for(s["u"])() == "reference"
+    assert SCAN._auto_for(s["u"])() == scan
     assert RET._auto_for(torch.zeros(1, 2, 197, 4))() == "parallel"
     assert RET._auto_for(torch.zeros(1, 2, 1024, 4))() == "chunkwise"  # long: chunkwise
     assert 1024 * 16 * 256 * 256 > RET.PARALLEL_MAX_SCORES
     assert RET._auto_for(torch.zeros(1024, 16, 256, 1))() == "chunkwise"  # short but many scores
     s = {k: (v.requires_grad_() if k == "u" else v) for k, v in s.items()}
     selective_scan(**s)
-    assert LAST_CHOICE["selective_scan"][0] == "reference"
+    assert LAST_CHOICE["selective_scan"][0] == scan
     with torch.no_grad():
         selective_scan(**s)
-    assert LAST_CHOICE["selective_scan"][0] == "reference"
+    assert LAST_CHOICE["selective_scan"][0] == scan
 
 
 def test_explicit_backend_beats_env_var(monkeypatch):
@@ -479,9 +483,11 @@ def test_retention_two_halves_equal_one_pass(backend, initial):
     torch.testing.assert_close(s2, full_state, **TOL64)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "fused"])
 @pytest.mark.parametrize("initial", [False, True])
-def test_selective_scan_two_halves_equal_one_pass(backend, initial):
+def test_selective_scan_two_halves_equal_one_pass(backend, initial, request):
+    if backend == "fused":
+        request.getfixturevalue("fused_scan_built")
     inp = scan_inputs(length=13, D=True, z=True, state=initial)
     full, full_last = selective_scan(**inp, return_last_state=True, max_chunk=4, backend=backend)
     cut = 6

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     k.add_argument("--max-sequential-length", type=int, default=None,
                    help="skip token-by-token loops above this length (default 1024 on CPU)")
+    k.add_argument("--shapes", nargs="+", default=None, metavar="BATCH,WIDTH,LENGTH",
+                   help="time these shapes instead of the widths x lengths grid (batch 1), e.g. 128,64,50 "
+                        "(the Fashion-MNIST De-focus Mamba: width 64, 49 patches + class token)")
     k.add_argument("--out", default=None, help="write the JSON here too")
     e = sub.add_parser("encoders", help="images/s and memory of the Small presets vs timm DeiT-S")
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -74,10 +77,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--device cuda asked for, but no CUDA device is available here")
     progress = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if args.what == "kernels":
-        from defocus_vlm.kernels.benchmark import run_kernel_benchmarks
+        from defocus_vlm.kernels.benchmark import parse_shape, run_kernel_benchmarks
 
+        shapes = [parse_shape(s) for s in args.shapes] if args.shapes else None
         result = run_kernel_benchmarks(args.device, args.ops, args.lengths, args.widths, args.repeats, args.dtype,
-                                       args.max_sequential_length, progress)
+                                       args.max_sequential_length, progress, shapes)
     elif args.what == "stream":
         from defocus_vlm.stream_benchmark import run_stream_benchmark
 

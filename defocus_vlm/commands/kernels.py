@@ -43,8 +43,13 @@ def probe(device: str, dtype: str) -> dict:
         "mamba-ssm": "mamba_ssm.ops.selective_scan_interface", "causal-conv1d": "causal_conv1d",
         "fla-core": "fla.ops.simple_gla", "triton": "triton", "flex_attention": "torch.nn.attention.flex_attention",
     }.items()}
+    from defocus_vlm.kernels.selective_scan_cpu import load_error
+
     ops, training = call_all(False), call_all(True)
+    error = load_error() if device == "cpu" else None
+    fused = {"built": error is None, "error": error} if device == "cpu" else None
     return {"device": device, "dtype": dtype, "ops": ops, "ops_training": training, "packages": packages,
+            "fused_cpu_scan": fused,
             "note": "GPU backends (flex, fla, triton, mamba_ssm, causal_conv1d) are chosen only on CUDA"}
 
 
@@ -63,5 +68,9 @@ def run(args: argparse.Namespace) -> int:
         for op, choice in info[key].items():
             print(f"  {op:<15} -> {choice['backend']:<10} ({choice['chosen_by']})")
     print("optional packages: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["packages"].items()))
+    if info["fused_cpu_scan"] is not None:
+        fused = info["fused_cpu_scan"]
+        print("fused CPU selective scan (C++, built just in time): "
+              + ("built" if fused["built"] else f"unavailable ({fused['error']})"))
     print(info["note"])
     return 0
