@@ -51,6 +51,9 @@ class DefocusCLIPConfig(PretrainedConfig):
     """
 
     model_type = "defocus_clip"
+    # So that transformers reaches both towers: attn_implementation (from_pretrained, set_attn_implementation),
+    # dtype, and the composite save / load of each sub-config.
+    sub_configs = {"vision_config": DefocusVisionConfig, "text_config": AutoConfig}
 
     def __init__(
         self,

@@ -56,6 +56,11 @@ class DefocusVisionConfig(PretrainedConfig):
     """
 
     model_type = "defocus_vision"
+    # transformers' standard names for what the encoder calls embed_dim, num_heads, depth, img_size, in_chans
+    attribute_map = {"hidden_size": "embed_dim", "num_attention_heads": "num_heads", "num_hidden_layers": "depth",
+                     "image_size": "img_size", "num_channels": "in_chans"}
+    # the key under which a composite config (CLIP, VLM) holds this one: DefocusVisionConfig.from_pretrained(vlm_dir)
+    base_config_key = "vision_config"
 
     def __init__(
         self,
@@ -67,6 +72,11 @@ class DefocusVisionConfig(PretrainedConfig):
         **kwargs,
     ):
         values = get_preset(preset) if preset is not None else {}
+        for alias, name in self.attribute_map.items():  # standard names become encoder fields (and are validated)
+            if alias in kwargs:
+                if name in kwargs and kwargs[name] != kwargs[alias]:
+                    raise ValueError(f"{alias}={kwargs[alias]!r} and {name}={kwargs[name]!r} name the same setting")
+                kwargs[name] = kwargs.pop(alias)
         if head_type is None:
             head_type = values.pop("head_type", "linear")
         values.pop("head_type", None)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_clip import DefocusCLIPConfig
 from .modeling_defocus import DefocusVisionModel
@@ -64,7 +65,10 @@ class DefocusCLIPPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # Each tower checks the attention implementation it is given (the image tower: see modeling_defocus).
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -135,27 +139,32 @@ class DefocusCLIPModel(DefocusCLIPPreTrainedModel):
             image_processor.save_pretrained(save_directory)
 
     # ------------------------------------------------------------------ features
+    @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.Tensor, drop_path_rate: float | None = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
-        """The image tower's output, ``pooler_output`` replaced by the projected class token."""
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The image tower's output, ``pooler_output`` replaced by the projected class token. ``kwargs`` go to the
+        tower (``output_hidden_states``, ``output_attentions``); ``return_dict=False`` (or ``config.return_dict``)
+        gives a tuple, as transformers' ``CLIPModel``."""
         with self._grad_context("vision_model"):
-            out = self.vision_model(pixel_values, return_dict=True, drop_path_rate=drop_path_rate)
+            out = self.vision_model(pixel_values, return_dict=True, drop_path_rate=drop_path_rate, **kwargs)
         out.pooler_output = self.visual_projection(out.pooler_output)
         return out
 
+    @can_return_tuple
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
-        """The text tower's output, ``pooler_output`` = the projected pooled token(s)
-        (``config.text_pooling``)."""
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The text tower's output, ``pooler_output`` = the projected pooled token(s) (``config.text_pooling``).
+        ``kwargs`` go to the tower; ``return_dict`` as for :meth:`get_image_features`."""
         with self._grad_context("text_model"):
-            out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+            out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         pooled = pool_text(out.last_hidden_state, attention_mask, self.config.text_pooling)
         return BaseModelOutputWithPooling(
             last_hidden_state=out.last_hidden_state,
             pooler_output=self.text_projection(pooled.to(self.text_projection.weight.dtype)),
             hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
         )
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -171,8 +180,8 @@ class DefocusCLIPModel(DefocusCLIPPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> DefocusCLIPOutput | tuple:
-        vision = self.get_image_features(pixel_values, drop_path_rate=drop_path_rate)
-        text = self.get_text_features(input_ids, attention_mask)
+        vision = self.get_image_features(pixel_values, drop_path_rate=drop_path_rate, return_dict=True)
+        text = self.get_text_features(input_ids, attention_mask, return_dict=True)
         image_embeds = F.normalize(vision.pooler_output, dim=-1)
         text_embeds = F.normalize(text.pooler_output, dim=-1)
         scale, bias = self.scale_and_bias()
@@ -201,11 +210,6 @@ class DefocusCLIPModel(DefocusCLIPPreTrainedModel):
                 "AutoModel": "DefocusCLIPModel",
                 "AutoProcessor": "DefocusCLIPProcessor",
             }, "config.json")
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self.vision_model.gradient_checkpointing_enable()
-        if getattr(self.text_model, "supports_gradient_checkpointing", False):
-            self.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
 
 
 def load_clip(model_dir: str | os.PathLike) -> DefocusCLIPModel:

@@ -9,13 +9,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
+from defocus_vlm.encoders.blocks import MambaBlock, TransformerBlock
+from defocus_vlm.encoders.config import EncoderConfig
 from defocus_vlm.encoders.model import DefocusEncoder, init_module
 
 from .configuration_defocus import DefocusVisionConfig
 from .remote_code import write_remote_code
+
+# transformers' attention implementations -> the vit mixer's attention kernel. "sdpa" (transformers' default)
+# keeps the fused automatic choice (PyTorch SDPA, or FlexAttention on CUDA when the decay is on); "eager" is the
+# reference path that forms the probabilities (what output_attentions needs). Retention and the selective scan
+# have no softmax attention: for those mixers the setting selects nothing.
+ATTENTION_BACKENDS = {"eager": "reference", "sdpa": "auto", "flex_attention": "flex"}
 
 
 @dataclass
@@ -27,6 +36,20 @@ class DefocusImageClassifierOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     aux_logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class DefocusTransformerLayer(GradientCheckpointingLayer, TransformerBlock):
+    """A :class:`TransformerBlock` (vit, retnet) that transformers' activation checkpointing switches on and off."""
+
+
+class DefocusMambaLayer(GradientCheckpointingLayer, MambaBlock):
+    """A :class:`MambaBlock` that transformers' activation checkpointing switches on and off."""
+
+
+def checkpointing_layer(cfg: EncoderConfig) -> nn.Module:
+    """The encoder's block for ``cfg`` as a transformers ``GradientCheckpointingLayer`` (same weights and names)."""
+    return DefocusMambaLayer(cfg) if cfg.mixer == "mamba" else DefocusTransformerLayer(cfg)
 
 
 class DefocusPreTrainedModel(PreTrainedModel):
@@ -35,16 +58,29 @@ class DefocusPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["TransformerBlock", "MambaBlock"]
+    _no_split_modules = ["DefocusTransformerLayer", "DefocusMambaLayer"]
+    # The vit mixer's kernels (see ATTENTION_BACKENDS); flash-attention cannot add the per-head distance decay.
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         init_module(module)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
-        for module in self.modules():
-            if isinstance(module, DefocusEncoder):
-                module.set_grad_checkpointing(enable)
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (what PEFT's ``enable_input_require_grads`` hooks)."""
+        return self.base_model.encoder.patch_embed.proj
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        implementation = super().get_correct_attn_implementation(requested_attention, is_init_check)
+        if implementation not in ATTENTION_BACKENDS:
+            raise ValueError(f"{type(self).__name__} runs its own attention kernels: attn_implementation must be one "
+                             f"of {sorted(ATTENTION_BACKENDS)}, got {implementation!r}")
+        return implementation
+
+    def _attention_backend(self) -> str:
+        return ATTENTION_BACKENDS.get(self.config._attn_implementation, "auto")
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
@@ -58,20 +94,14 @@ class DefocusPreTrainedModel(PreTrainedModel):
                 "AutoImageProcessor": "DefocusImageProcessor",
             }, "config.json")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self._set_gradient_checkpointing(True)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self._set_gradient_checkpointing(False)
-
 
 class DefocusVisionModel(DefocusPreTrainedModel):
     """Outputs ``last_hidden_state`` (all tokens, class token included) and ``pooler_output``
-    (the class token)."""
+    (the class token); ``attentions`` with ``output_attentions`` (vit mixer only)."""
 
     def __init__(self, config: DefocusVisionConfig):
         super().__init__(config)
-        self.encoder = DefocusEncoder(config.encoder_config())
+        self.encoder = DefocusEncoder(config.encoder_config(), block_factory=checkpointing_layer)
         self.post_init()
 
     def forward(
@@ -80,18 +110,24 @@ class DefocusVisionModel(DefocusPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         drop_path_rate: float | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        tokens, hidden = self.encoder(pixel_values, drop_path_rate, output_hidden_states)
+        out = self.encoder(pixel_values, drop_path_rate, output_hidden_states, output_attentions=output_attentions,
+                           attn_backend=self._attention_backend())
+        tokens = out.last_hidden_state
         pooled = self.encoder.pooled(tokens)
-        hidden = tuple(hidden) if hidden is not None else None
+        hidden = tuple(out.hidden_states) if out.hidden_states is not None else None
+        attentions = tuple(out.attentions) if out.attentions is not None else None
         if not return_dict:
-            return tuple(v for v in (tokens, pooled, hidden) if v is not None)
-        return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=pooled, hidden_states=hidden)
+            return tuple(v for v in (tokens, pooled, hidden, attentions) if v is not None)
+        return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=pooled, hidden_states=hidden,
+                                          attentions=attentions)
 
     def stream(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
         """Yield ``last_hidden_state`` chunk by chunk (causal presets only); the last chunk ends
@@ -116,8 +152,30 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), target)
 
 
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str | None) -> torch.Tensor:
+    """The loss ``config.problem_type`` names, as transformers' ``ViTForImageClassification`` computes it:
+    "regression" (MSE), "single_label_classification" (cross-entropy; class indices, or probabilities per class),
+    "multi_label_classification" (BCE with logits). ``None`` is inferred: one output is a regression, otherwise
+    class indices (B,) or soft / mixup targets (B, C) give cross-entropy."""
+    if problem_type is None and logits.shape[-1] == 1:
+        problem_type = "regression"
+    if problem_type == "regression":
+        if logits.shape[-1] == 1:  # one output: targets (B,) or (B, 1)
+            return F.mse_loss(logits.float().squeeze(-1), labels.float().reshape(logits.shape[:-1]))
+        return F.mse_loss(logits.float(), labels.float())
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    if problem_type in (None, "single_label_classification"):
+        return soft_cross_entropy(logits, labels)
+    raise ValueError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {problem_type!r}")
+
+
 class DefocusVisionForImageClassification(DefocusPreTrainedModel):
-    """Class-token classifier with the paper's auxiliary head (``aux_head``)."""
+    """Class-token classifier with the paper's auxiliary head (``aux_head``). The loss follows
+    ``config.problem_type`` (:func:`classification_loss`); with the auxiliary head it is (class token + aux) / 2."""
 
     def __init__(self, config: DefocusVisionConfig):
         super().__init__(config)
@@ -133,11 +191,12 @@ class DefocusVisionForImageClassification(DefocusPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         drop_path_rate: float | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> DefocusImageClassifierOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.defocus(pixel_values, output_hidden_states=output_hidden_states, return_dict=True,
-                           drop_path_rate=drop_path_rate)
+                           drop_path_rate=drop_path_rate, output_attentions=output_attentions)
         tokens = out.last_hidden_state
         logits = self.head(out.pooler_output)
         aux_logits = None
@@ -147,18 +206,19 @@ class DefocusVisionForImageClassification(DefocusPreTrainedModel):
             aux_logits = self.aux_head(aux_in)
         loss = None
         if labels is not None:
-            loss = soft_cross_entropy(logits, labels)
+            problem_type = self.config.problem_type
+            loss = classification_loss(logits, labels, problem_type)
             if aux_logits is not None:
-                loss = (loss + self._aux_loss(aux_logits, labels)) / 2
+                loss = (loss + self._aux_loss(aux_logits, labels, problem_type)) / 2
         if not return_dict:
-            return tuple(v for v in (loss, logits, aux_logits, out.hidden_states) if v is not None)
+            return tuple(v for v in (loss, logits, aux_logits, out.hidden_states, out.attentions) if v is not None)
         return DefocusImageClassifierOutput(loss=loss, logits=logits, aux_logits=aux_logits,
-                                            hidden_states=out.hidden_states)
+                                            hidden_states=out.hidden_states, attentions=out.attentions)
 
     @staticmethod
-    def _aux_loss(aux_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _aux_loss(aux_logits: torch.Tensor, labels: torch.Tensor, problem_type: str | None) -> torch.Tensor:
         if aux_logits.dim() == 2:
-            return soft_cross_entropy(aux_logits, labels)
+            return classification_loss(aux_logits, labels, problem_type)
         tokens = aux_logits.shape[1]  # every patch token gets its image's target
         target = labels[:, None].expand(-1, tokens, *labels.shape[1:]).flatten(0, 1)
-        return soft_cross_entropy(aux_logits.flatten(0, 1), target)
+        return classification_loss(aux_logits.flatten(0, 1), target, problem_type)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
@@ -40,10 +41,13 @@ _STEPWISE_CONTINUATION_MODEL_TYPES = frozenset({"mamba", "falcon_mamba"})
 
 @dataclass
 class DefocusVLMOutput(ModelOutput):
-    """loss: next-token cross-entropy from ``labels`` (image positions ignored). image_hidden_states:
-    the projected image tokens (num_images, tokens_per_image, hidden) of a one-shot forward. The language
-    model's cache is ``cache`` on transformers >= 5.24 (``past_key_values`` still reads it) and
-    ``past_key_values`` before: the field is named as ``generate`` of the installed release reads it."""
+    """loss: next-token cross-entropy from ``labels`` (or pre-shifted ``shift_labels``; image positions ignored).
+    image_hidden_states: the projected image tokens (num_images, tokens_per_image, hidden) of a one-shot forward.
+    image_outputs: what :meth:`~DefocusVLMForConditionalGeneration.get_image_features` returned (the encoder's
+    ``last_hidden_state``, ``hidden_states`` and ``attentions`` when asked, the projected tokens as
+    ``pooler_output``), as transformers 5.x multimodal models carry it. The language model's cache is ``cache`` on
+    transformers >= 5.24 (``past_key_values`` still reads it) and ``past_key_values`` before: the field is named as
+    ``generate`` of the installed release reads it."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -54,6 +58,7 @@ class DefocusVLMOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 class DefocusVLMProjector(nn.Module):
@@ -68,6 +73,17 @@ class DefocusVLMProjector(nn.Module):
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(image_tokens.to(self.linear_1.weight.dtype))))
+
+
+def cache_holds_tokens(cache: Cache | None) -> bool:
+    """Whether a language model's cache already holds a prefix (attention layers: a length; recurrent layers,
+    whose cache has no length: a state)."""
+    if cache is None:
+        return False
+    linear = list(getattr(cache, "is_linear", ()))
+    if linear and all(linear):
+        return bool(cache.has_previous_state())
+    return cache.get_seq_length() > 0
 
 
 def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
@@ -111,6 +127,9 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         self._cache_argument = cache_argument(self.language_model.forward)
         self._llm_takes_position_ids = "position_ids" in llm_args
         self._stepwise_continuation = config.text_config.model_type in _STEPWISE_CONTINUATION_MODEL_TYPES
+        # Per instance, as the language model decides: this model's own forward has no graph break (its
+        # data-dependent input checks run in eager calls only), nor has the image tower.
+        self._can_compile_fullgraph = bool(getattr(self.language_model, "_can_compile_fullgraph", False))
         self.post_init()
 
     # ------------------------------------------------------------------ plumbing
@@ -125,10 +144,6 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
-
-    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
-        self.vision_tower._set_gradient_checkpointing(enable)  # the encoder has its own switch
-        super()._set_gradient_checkpointing(enable, *args, **kwargs)
 
     def _supports_default_dynamic_cache(self) -> bool:
         # A recurrent language model builds its own cache; transformers' generic prefill cannot take the
@@ -161,12 +176,22 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
             return tokens[:, local:local + 1] if inside else tokens[:, :0]
         return torch.cat([tokens[:, :local], tokens[:, local + 1:]], dim=1) if inside else tokens
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image tokens, (num_images, tokens_per_image, LLM hidden size)."""
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                           output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPooling | tuple:
+        """The image tower's output (``last_hidden_state``, and ``hidden_states`` / ``attentions`` when asked) with
+        the projected image tokens, (num_images, tokens_per_image, LLM hidden size), as ``pooler_output``: the
+        output type of transformers 5.x multimodal models. ``kwargs`` go to the image tower."""
         layer = self.config.vision_feature_layer
-        out = self.vision_tower(pixel_values, output_hidden_states=layer != -1, return_dict=True)
+        want_hidden = output_hidden_states if output_hidden_states is not None \
+            else self.vision_tower.config.output_hidden_states
+        out = self.vision_tower(pixel_values, output_hidden_states=bool(want_hidden) or layer != -1,
+                                output_attentions=output_attentions, return_dict=True, **kwargs)
         hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
-        return self.multi_modal_projector(self._select_tokens(hidden, 0, hidden.shape[1]))
+        out.pooler_output = self.multi_modal_projector(self._select_tokens(hidden, 0, hidden.shape[1]))
+        if not want_hidden:
+            out.hidden_states = None  # asked for by vision_feature_layer only
+        return out
 
     def _stream_encoder(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
         if self.config.vision_feature_layer == -1:
@@ -176,9 +201,8 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         encoder = self.vision_tower.encoder
         tokens, state = encoder.embed(pixel_values), EncoderState()
         for start in range(0, tokens.shape[1], chunk_size):
-            _, hidden = encoder.forward_tokens(tokens[:, start:start + chunk_size], output_hidden_states=True,
-                                               state=state)
-            yield hidden[self.config.vision_feature_layer]
+            out = encoder.forward_tokens(tokens[:, start:start + chunk_size], output_hidden_states=True, state=state)
+            yield out.hidden_states[self.config.vision_feature_layer]
 
     def stream_image_features(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
         """Projected image tokens chunk by chunk (encoder streaming mode); concatenated they equal
@@ -191,17 +215,30 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
             if tokens.shape[1]:
                 yield self.multi_modal_projector(tokens)
 
-    def _image_token_mask(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Where the image tokens go, after checking that placeholders and images agree."""
+    def _placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) bool: the image placeholders, from ``input_ids`` or, without them, as LLaVA finds them: the
+        positions of ``inputs_embeds`` that hold the image token's embedding."""
         if self.config.image_token_id is None:
             raise ValueError("config.image_token_id is not set, so image placeholders cannot be found")
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        token = torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(token).to(inputs_embeds.dtype)).all(-1)
+
+    def _image_token_mask(self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor,
+                          inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Where the image tokens go, after checking that placeholders and images agree. The counts are data, so
+        traced code (torch.export, torch.compile) skips that check: it runs in eager calls only."""
+        mask = self._placeholder_mask(input_ids, inputs_embeds)
         self.vision_tower.encoder.check_pixels(pixel_values)
-        mask = input_ids == self.config.image_token_id
+        if torch.compiler.is_compiling():
+            return mask
         per_image = self.config.num_image_tokens(*pixel_values.shape[-2:])
         found, given = int(mask.sum()), pixel_values.shape[0] * per_image
         per_sample = mask.sum(dim=1)
         if found != given or bool((per_sample % per_image).any()):
-            raise ValueError(f"image tokens and images do not match: input_ids hold {found} image tokens "
+            source = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(f"image tokens and images do not match: {source} hold {found} image tokens "
                              f"({per_sample.tolist()} per sample), but the {pixel_values.shape[0]} images give "
                              f"{given} ({per_image} per image)")
         return mask
@@ -237,42 +274,62 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> DefocusVLMOutput:
-        """labels: next-token targets aligned with ``input_ids`` (shifted inside, -100 ignored; image
-        placeholder positions are ignored too). image_chunk_size: pre-fill with the streaming path
-        (:meth:`prefill_image_stream`) instead of one shot; inference only. cache: the language model's
-        cache (``past_key_values``, its name before transformers 5.24, is accepted too)."""
+        """labels: next-token targets aligned with the inputs (shifted inside, -100 ignored); ``shift_labels``
+        (in ``kwargs``, as transformers' sequence-parallel training passes them): targets already aligned with the
+        logits, used instead of ``labels``. Targets that are the image token are ignored either way.
+        inputs_embeds: instead of ``input_ids``, also with ``pixel_values`` (the placeholders are the positions that
+        hold the image token's embedding, as in LLaVA). image_chunk_size: pre-fill with the streaming path
+        (:meth:`prefill_image_stream`) instead of one shot; inference only, from ``input_ids``. cache: the language
+        model's cache (``past_key_values``, its name before transformers 5.24, is accepted too). Image placeholders
+        without ``pixel_values`` are an error in a new sequence, and plain tokens once the cache holds a prefix
+        (the image is in the cache; assisted decoding re-reads drafted tokens)."""
         cache = merge_cache_arguments(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and input_ids is None:
-            raise ValueError("pixel_values need input_ids: the image placeholders are found by their token id")
         if pixel_values is not None and image_chunk_size is not None:
             if labels is not None:
                 raise ValueError("image_chunk_size (streaming prefill) is for inference; train without it")
+            if input_ids is None:
+                raise ValueError("image_chunk_size (streaming prefill) needs input_ids, not inputs_embeds")
             return self.prefill_image_stream(input_ids, pixel_values, image_chunk_size, attention_mask=attention_mask,
                                              position_ids=position_ids, cache=cache, logits_to_keep=logits_to_keep)
-        image_features = None
+        image_outputs = None
+        if pixel_values is not None:
+            mask = self._image_token_mask(input_ids, pixel_values, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
-            mask = self._image_token_mask(input_ids, pixel_values)
-            image_features = self.get_image_features(pixel_values)
-            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
-        elif (input_ids is not None and input_ids.shape[1] > 1 and self.config.image_token_id is not None
-              and bool((input_ids == self.config.image_token_id).any())):
+            image_outputs = self.get_image_features(pixel_values, return_dict=True,
+                                                    **self._image_output_options(kwargs))
+            features = image_outputs.pooler_output.to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], features)
+        elif (not torch.compiler.is_compiling() and input_ids is not None and self.config.image_token_id is not None
+              and not cache_holds_tokens(cache) and bool((input_ids == self.config.image_token_id).any())):
             raise ValueError("input_ids hold image tokens but no pixel_values were given")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
         out = self._run_language_model(inputs_embeds, attention_mask, position_ids, cache, use_cache,
                                        logits_to_keep, **kwargs)
         loss = None
-        if labels is not None:
-            if input_ids is not None and self.config.image_token_id is not None:
-                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+        if labels is not None or shift_labels is not None:
+            if self.config.image_token_id is not None:  # an image placeholder is never a target
+                labels, shift_labels = (None if t is None else t.masked_fill(t == self.config.image_token_id, -100)
+                                        for t in (labels, shift_labels))
             loss = ForCausalLMLoss(out.logits, labels, vocab_size=out.logits.shape[-1],
-                                   num_items_in_batch=num_items_in_batch)
+                                   num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
         return DefocusVLMOutput(loss=loss, logits=out.logits, **{CACHE_NAME: cache_of(out)},
                                 hidden_states=getattr(out, "hidden_states", None),
-                                attentions=getattr(out, "attentions", None), image_hidden_states=image_features)
+                                attentions=getattr(out, "attentions", None),
+                                image_hidden_states=None if image_outputs is None else image_outputs.pooler_output,
+                                image_outputs=image_outputs)
+
+    def _image_output_options(self, kwargs: dict) -> dict:
+        """What a forward's ``output_hidden_states`` / ``output_attentions`` ask of the image tower too; attention
+        probabilities only where the tower has them (the vit mixer)."""
+        options = {"output_hidden_states": kwargs.get("output_hidden_states")}
+        if self.config.vision_config.mixer == "vit":
+            options["output_attentions"] = kwargs.get("output_attentions")
+        return options
 
     # ------------------------------------------------------------------ streaming prefill
     def prefill_image_stream(
@@ -326,11 +383,15 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         return DefocusVLMOutput(logits=prefill.logits(), **{CACHE_NAME: prefill.cache})
 
     # ------------------------------------------------------------------ generation
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_chunk_size=None,
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_chunk_size=None, inputs_embeds=None,
                                       is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration,
-                                                             **kwargs)
-        if is_first_iteration or not kwargs.get("use_cache", True):  # images are in the cache after the prefill
+        # inputs_embeds named here: generate accepts them (with pixel_values too) only from a model that does
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds,
+                                                             is_first_iteration=is_first_iteration, **kwargs)
+        # The images go with the pass that fills the cache with the prompt: the prefill, every pass without a cache,
+        # and an assistant model's first pass (assisted decoding runs it with is_first_iteration=False).
+        cache = model_inputs.get(CACHE_NAME)
+        if is_first_iteration or not kwargs.get("use_cache", True) or not cache_holds_tokens(cache):
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_chunk_size"] = image_chunk_size
         elif self._is_stateful:

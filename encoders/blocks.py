@@ -21,9 +21,16 @@ class TransformerBlock(nn.Module):
         self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
 
     def forward(self, x: torch.Tensor, drop_rate: float = 0.0, cache: dict | None = None,
-                offset: int = 0) -> torch.Tensor:
-        x = x + drop_path(self.mixer(self.norm1(x), cache=cache, offset=offset), drop_rate, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), drop_rate, self.training)
+                offset: int = 0, **mixer_options) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``mixer_options`` go to the attention mixer (``output_attentions``, ``backend``); with
+        ``output_attentions=True`` the block returns ``(x, attention probabilities)``."""
+        mixed = self.mixer(self.norm1(x), cache=cache, offset=offset, **mixer_options)
+        probs = None
+        if mixer_options.get("output_attentions"):
+            mixed, probs = mixed
+        x = x + drop_path(mixed, drop_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), drop_rate, self.training)
+        return x if probs is None else (x, probs)
 
 
 class MambaBlock(nn.Module):

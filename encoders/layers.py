@@ -17,8 +17,10 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
-    """Per-layer rates linspace(0, rate, depth): deeper layers are dropped more often."""
-    return torch.linspace(0, rate, depth).tolist() if depth > 1 else [rate] * depth
+    """Per-layer rates linspace(0, rate, depth): deeper layers are dropped more often. Plain Python
+    floats, never a tensor: a traced forward (torch.export / compile) must not read tensor data."""
+    rate = float(rate)
+    return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [rate] * depth
 
 
 class PatchEmbed(nn.Module):

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
+from defocus_vlm.kernels.attention import attention_probabilities
 from defocus_vlm.kernels.rope import apply_rope, rope_angles
 
 from .band_pass import BandPassFilter
@@ -35,7 +36,10 @@ class DefocusAttention(nn.Module):
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
         self.filter = BandPassFilter(cfg.num_heads, self.head_dim, cfg.decay, cfg.rope, cfg.rope_base)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None, offset: int = 0, output_attentions: bool = False,
+                backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """backend: the attention kernel (``defocus_attention``'s ``backend``). output_attentions: also return
+        the probabilities (B, H, L, L_keys), computed on the reference path (the fused kernels never form them)."""
         b, length, dim = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.filter.rotate(q, offset), self.filter.rotate(k, offset)
@@ -44,9 +48,14 @@ class DefocusAttention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        out = defocus_attention(q, k, v, self.filter.log_decay(), causal=self.causal,
-                                q_offset=k.shape[2] - length)
-        return self.proj(out.transpose(1, 2).reshape(b, length, dim))
+        log_decay, q_offset = self.filter.log_decay(), k.shape[2] - length
+        if output_attentions:
+            probs = attention_probabilities(q, k, log_decay, causal=self.causal, q_offset=q_offset)
+            out = probs @ v
+        else:
+            out = defocus_attention(q, k, v, log_decay, causal=self.causal, q_offset=q_offset, backend=backend)
+        out = self.proj(out.transpose(1, 2).reshape(b, length, dim))
+        return (out, probs) if output_attentions else out
 
 
 class MultiScaleRetention(nn.Module):

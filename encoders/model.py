@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,16 @@ from .layers import PatchEmbed, drop_path_rates, init_linear, pos_embed_for_grid
 from .mixers import DefocusMambaMixer
 
 
+class EncoderOutput(NamedTuple):
+    """last_hidden_state (B, L, D) after the final norm; hidden_states: the embeddings and each block's
+    output (``output_hidden_states``); attentions: each block's attention probabilities (B, H, L, L_keys)
+    (``output_attentions``, vit mixer only)."""
+
+    last_hidden_state: torch.Tensor
+    hidden_states: list[torch.Tensor] | None = None
+    attentions: list[torch.Tensor] | None = None
+
+
 @dataclass
 class EncoderState:
     """What a causal encoder carries between chunks: one cache dict per block and the position."""
@@ -25,7 +36,11 @@ class EncoderState:
 
 
 class DefocusEncoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
+    """``block_factory`` builds each block from ``cfg`` (default :func:`make_block`). The Hugging Face models pass
+    one that builds the same blocks as transformers GradientCheckpointingLayers (same weights, same names), which
+    checkpoint themselves when transformers switches them on; ``set_grad_checkpointing`` is timm's switch."""
+
+    def __init__(self, cfg: EncoderConfig, block_factory: Callable[[EncoderConfig], nn.Module] = make_block):
         super().__init__()
         self.cfg = cfg
         dim = cfg.embed_dim
@@ -33,7 +48,7 @@ class DefocusEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_position != "none" else None
         num_pos = cfg.grid_size[0] * cfg.grid_size[1] + (self.cls_token is not None)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, dim)) if cfg.pos_embed == "learned" else None
-        self.blocks = nn.ModuleList(make_block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(block_factory(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim, eps=cfg.final_norm_eps)
         self.grad_checkpointing = False
         self.reset_parameters()
@@ -41,15 +56,17 @@ class DefocusEncoder(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            init_module(module)
+        # Children before parents, as transformers' weight init goes: a mixer's own init (Mamba's dt_proj bias)
+        # must come after the generic Linear init of its children, not be overwritten by it.
+        self.apply(init_module)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
     # ------------------------------------------------------------------ embedding
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
-        """One clear error for malformed input, before any work."""
+        """One clear error for malformed input, before any work. The shape checks are static; the NaN check reads
+        the data, so traced code (torch.export, torch.compile) skips it: it runs in eager calls only."""
         cfg = self.cfg
         if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4:
             shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
@@ -59,7 +76,7 @@ class DefocusEncoder(nn.Module):
             raise ValueError(f"expected {cfg.in_chans} image channels, got {chans} (shape {tuple(pixel_values.shape)})")
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}")
-        if not torch.isfinite(pixel_values).all():
+        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or infinite values")
 
     def num_tokens(self, height: int, width: int) -> int:
@@ -93,29 +110,51 @@ class DefocusEncoder(nn.Module):
         drop_path_rate: float | None = None,
         output_hidden_states: bool = False,
         state: EncoderState | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Run the blocks and the final norm on embedded tokens (optionally continuing ``state``)."""
+        output_attentions: bool = False,
+        attn_backend: str = "auto",
+    ) -> EncoderOutput:
+        """Run the blocks and the final norm on embedded tokens (optionally continuing ``state``).
+
+        output_attentions: also return each block's attention probabilities (vit mixer only: retention and
+        the selective scan have none). attn_backend: the vit mixer's attention kernel (``defocus_attention``)."""
+        if output_attentions and self.cfg.mixer != "vit":
+            raise ValueError(f"output_attentions: the {self.cfg.mixer!r} mixer has no attention probabilities "
+                             "(only mixer='vit' has a softmax over positions)")
         rate = self.cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         rates = drop_path_rates(rate, len(self.blocks))
+        mixer_options = {"output_attentions": output_attentions, "backend": attn_backend} \
+            if self.cfg.mixer == "vit" else {}
         hidden = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         offset = 0 if state is None else state.position
         if state is not None and not state.caches:
             state.caches = [{} for _ in self.blocks]
+        recomputed = self.training and torch.is_grad_enabled()  # when checkpointing would recompute a block
         for i, block in enumerate(self.blocks):
             cache = None if state is None else state.caches[i]
-            if self.grad_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, rates[i], use_reentrant=False)
-            else:
-                x = block(x, rates[i], cache=cache, offset=offset)
+            checkpointed = self.grad_checkpointing or getattr(block, "gradient_checkpointing", False)
+            if cache is not None and recomputed and checkpointed:
+                raise ValueError("gradient checkpointing recomputes blocks in the backward pass, which would write "
+                                 "the streaming cache twice: stream under torch.no_grad() or in eval mode")
+            if self.grad_checkpointing and recomputed:
+                out = torch.utils.checkpoint.checkpoint(block, x, rates[i], use_reentrant=False, **mixer_options)
+            else:  # blocks that are transformers GradientCheckpointingLayers checkpoint themselves when switched on
+                out = block(x, rates[i], cache=cache, offset=offset, **mixer_options)
+            if output_attentions:
+                out, probs = out
+                attentions.append(probs)
+            x = out
             if hidden is not None:
                 hidden.append(x)
         if state is not None:
             state.position += x.shape[1]
-        return self.norm(x.to(self.norm.weight.dtype)), hidden
+        return EncoderOutput(self.norm(x.to(self.norm.weight.dtype)), hidden, attentions)
 
     def forward(self, pixel_values: torch.Tensor, drop_path_rate: float | None = None,
-                output_hidden_states: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        return self.forward_tokens(self.embed(pixel_values), drop_path_rate, output_hidden_states)
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                attn_backend: str = "auto") -> EncoderOutput:
+        return self.forward_tokens(self.embed(pixel_values), drop_path_rate, output_hidden_states,
+                                   output_attentions=output_attentions, attn_backend=attn_backend)
 
     def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """The class token's output (mean of tokens when there is no class token)."""
@@ -138,8 +177,7 @@ class DefocusEncoder(nn.Module):
     def _stream_chunks(self, tokens: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
         state = EncoderState()
         for start in range(0, tokens.shape[1], chunk_size):
-            out, _ = self.forward_tokens(tokens[:, start:start + chunk_size], state=state)
-            yield out
+            yield self.forward_tokens(tokens[:, start:start + chunk_size], state=state).last_hidden_state
 
 
 def init_module(module: nn.Module) -> None:
@@ -156,4 +194,4 @@ def init_module(module: nn.Module) -> None:
             nn.init.trunc_normal_(module.pos_embed, std=0.02)
 
 
-__all__ = ["DefocusEncoder", "EncoderState", "MambaBlock", "init_module"]
+__all__ = ["DefocusEncoder", "EncoderOutput", "EncoderState", "MambaBlock", "init_module"]

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import EncoderConfig
+from .layers import init_linear
 from .model import DefocusEncoder
 from .presets import PRESETS
 
@@ -22,8 +23,7 @@ class DefocusTimmModel(nn.Module):
         kwargs = {k: v for k, v in kwargs.items() if k in _ENCODER_FIELDS}
         self.encoder = DefocusEncoder(EncoderConfig(**kwargs))
         self.num_features = self.embed_dim = self.encoder.cfg.embed_dim
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
@@ -34,6 +34,7 @@ class DefocusTimmModel(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        init_linear(self.head)  # as the Hugging Face classifier's head: same init whichever door built the model
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)[0]

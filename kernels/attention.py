@@ -34,12 +34,22 @@ def decay_bias(
     return bias
 
 
-def _reference(q, k, v, log_decay, causal, q_offset, scale):
+def attention_probabilities(
+    q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None = None, causal: bool = True,
+    q_offset: int = 0, scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + decay/causal bias) over the keys, (B, H, Lq, Lk): the weights the
+    reference backend multiplies v by (what ``output_attentions`` returns)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     bias = decay_bias(log_decay, q.shape[-2], k.shape[-2], causal, q_offset, q.dtype, q.device)
     scores = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias
-    return scores.softmax(dim=-1) @ v
+    return scores.softmax(dim=-1)
+
+
+def _reference(q, k, v, log_decay, causal, q_offset, scale):
+    return attention_probabilities(q, k, log_decay, causal, q_offset, scale) @ v
 
 
 def _sdpa(q, k, v, log_decay, causal, q_offset, scale):

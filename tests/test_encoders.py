@@ -27,7 +27,8 @@ def test_every_preset_builds_and_runs_at_tiny_size(preset):
     enc = tiny_encoder(preset)
     cfg = get_preset(preset)
     assert enc.cfg.mixer == cfg["mixer"] and enc.cfg.causal == cfg.get("causal", True)
-    out, hidden = enc(images(), output_hidden_states=True)
+    out, hidden, attentions = enc(images(), output_hidden_states=True)
+    assert attentions is None
     assert out.shape == (2, NUM_PATCHES + 1, 32)
     assert len(hidden) == 3 and all(h.shape == out.shape for h in hidden)
     assert torch.isfinite(out).all()

@@ -24,6 +24,7 @@ from defocus_vlm import (
     DefocusVisionModel,
     list_presets,
 )
+from defocus_vlm.compat import enable_activation_checkpointing
 
 LABELS = {i: name for i, name in enumerate(["cat", "dog", "fox", "owl", "elk"])}
 
@@ -241,8 +242,8 @@ def test_mlp_head_and_gradient_checkpointing():
     model = tiny_classifier("defocus_mamba_large")  # the official IN-22k MLP heads
     assert isinstance(model.head, torch.nn.Sequential) and model.head[0].out_features == 3 * 32
     model.train()
-    model.gradient_checkpointing_enable()
-    assert model.defocus.encoder.grad_checkpointing
+    enable_activation_checkpointing(model)
+    assert all(block.gradient_checkpointing for block in model.defocus.encoder.blocks)
     out = model(images(), labels=torch.tensor([1, 2]), drop_path_rate=0.0)
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

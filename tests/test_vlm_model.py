@@ -15,6 +15,7 @@ from conftest import tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from defocus_vlm import DefocusVisionConfig, DefocusVLMConfig
+from defocus_vlm.compat import disable_activation_checkpointing, enable_activation_checkpointing
 from defocus_vlm.llm import tiny_llama_config
 from defocus_vlm.modeling_vlm import tiny_vlm
 
@@ -137,21 +138,17 @@ def test_gradient_checkpointing_reaches_encoder_and_language_model(llama_vlm):
     inputs = batch(processor, ["ab<image>cd"], [image(0)])
     reference = model(**inputs, labels=inputs["input_ids"]).loss
     model.train()
-    if hasattr(model, "activation_checkpointing_enable"):  # the newer name (gradient_* is deprecated there)
-        enable, disable = model.activation_checkpointing_enable, model.activation_checkpointing_disable
-    else:
-        enable, disable = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable
     try:
-        enable({"use_reentrant": False})
-        assert model.vision_tower.encoder.grad_checkpointing
+        enable_activation_checkpointing(model, {"use_reentrant": False})
+        assert all(block.gradient_checkpointing for block in model.vision_tower.encoder.blocks)
         assert all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
         loss = model(**inputs, labels=inputs["input_ids"]).loss
         loss.backward()
     finally:
-        disable()
+        disable_activation_checkpointing(model)
         model.zero_grad()
         model.eval()
-    assert not model.vision_tower.encoder.grad_checkpointing
+    assert not any(block.gradient_checkpointing for block in model.vision_tower.encoder.blocks)
     torch.testing.assert_close(loss, reference)
 
 

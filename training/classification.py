@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from defocus_vlm.compat import enable_activation_checkpointing
 from defocus_vlm.data.classification import ClassificationDataset, open_source, verify_source
 
 from .augment import EvalTransform, TrainTransform, build_mixup, image_processor, make_targets
@@ -88,7 +89,7 @@ class ClassificationTask(StageTask):
         else:
             model = DefocusVisionForImageClassification(self.model_config)
         if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         return model
 
     def describe(self, model: torch.nn.Module) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from defocus_vlm.compat import enable_activation_checkpointing
 from defocus_vlm.contrastive import LOSSES, contrastive_loss
 from defocus_vlm.data.classification import ClassificationDataset, verify_source
 from defocus_vlm.data.pairs import (
@@ -230,9 +231,9 @@ def build_clip_model(cfg: ClipRunConfig, tokenizer):
         raise ConfigError(f"CLIP model config: {err}") from err
     model = DefocusCLIPModel(config, vision_model=vision_model, text_model=text_model)
     if cfg.vision.gradient_checkpointing:
-        model.vision_model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model.vision_model)
     if cfg.text.gradient_checkpointing:
-        model.text_model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model.text_model)
     if cfg.vision.lock:
         model.lock_image_tower()
     if cfg.text.lock:

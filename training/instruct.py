@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from defocus_vlm import compat
 from defocus_vlm.data.llava import (
     IGNORE_INDEX,
     LLAVA_IMAGE_TOKEN,
@@ -248,11 +249,7 @@ def random_language_model(config: dict, tokenizer):
 
 def enable_activation_checkpointing(model) -> None:
     """Recompute activations in the backward pass (non-reentrant, so frozen inputs need no grad)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    compat.enable_activation_checkpointing(model, {"use_reentrant": False})
 
 
 def head_reads_last_hidden(language_model) -> bool:
