@@ -116,44 +116,68 @@ def test_scheduled_drop_path_reaches_layers():
     assert not torch.equal(c, d)
 
 
-def test_param_groups():
-    from defocus_vlm import DefocusVisionConfig, DefocusVisionForImageClassification
+# The rule the optimiser groups followed before modules declared no_weight_decay(): parameter-name
+# substrings from the config. Kept here as the reference the declarations must reproduce.
+OLD_NO_DECAY = ("A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed")
 
-    for preset, extra in (
-        ("defocus_mamba_tiny", dict(dt_rank=4, group_norm_size=16)),
-        ("defocus_vit_tiny", dict(num_heads=2)),
-        ("causal_vit_tiny", dict(num_heads=2)),
-        ("defocus_retnet_tiny", dict(num_heads=2)),
-    ):
-        cfg = DefocusVisionConfig.from_preset(
-            preset, num_labels=4, img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, **extra
-        )
-        model = DefocusVisionForImageClassification(cfg)
+
+def _old_groups(model) -> tuple[set, set]:
+    decay, no_decay = set(), set()
+    for name, p in model.named_parameters():
+        skip = p.ndim <= 1 or name.endswith(".bias") or any(key in name for key in OLD_NO_DECAY)
+        (no_decay if skip else decay).add(name)
+    return decay, no_decay
+
+
+def _models_of_every_preset():
+    """(label, model) for every preset x decay x RoPE setting at test size, a CLIP model and a VLM."""
+    from conftest import ALL_PRESETS, tiny_config
+
+    from defocus_vlm import DefocusCLIPConfig, DefocusCLIPModel, DefocusVisionForImageClassification
+    from defocus_vlm.modeling_vlm import tiny_vlm
+
+    for preset in ALL_PRESETS:
+        for decay in ("none", "fixed", "learnable"):
+            for rope in ("none", "fixed", "learnable"):
+                config = tiny_config(preset, num_labels=4, decay=decay, rope=rope)
+                yield f"{preset} decay={decay} rope={rope}", DefocusVisionForImageClassification(config)
+    llama = dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    for loss in ("clip", "siglip"):
+        vision = tiny_config("defocus_mamba_small", num_labels=0)
+        yield f"clip {loss}", DefocusCLIPModel(DefocusCLIPConfig(vision_config=vision, text_config=llama,
+                                                                 projection_dim=8, loss_type=loss))
+    for preset in ("defocus_mamba_small", "defocus_vit_small", "causal_vit_small"):
+        yield f"vlm {preset}", tiny_vlm("llama", preset)[0]
+
+
+def test_declared_no_weight_decay_gives_the_old_groups_for_every_preset():
+    """Modules' no_weight_decay() + (1-D tensors, biases) split the parameters exactly as the old
+    name-substring rule did, for every encoder preset and decay/RoPE setting, CLIP and the VLM."""
+    checked = set()
+    for label, model in _models_of_every_preset():
         decay, no_decay = param_groups(model, 0.05)
         assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-        names = dict(model.named_parameters())
-        assert set(decay["names"]) | set(no_decay["names"]) == set(names)
-        assert not set(decay["names"]) & set(no_decay["names"])
-        for n in decay["names"]:
-            assert names[n].ndim >= 2 and not n.endswith(".bias")
-            assert not any(k in n for k in ("A_log", "freq", "decay_log", "cls_token", "pos_embed"))
-        for n in no_decay["names"]:
-            p = names[n]
-            assert (
-                p.ndim <= 1
-                or n.endswith(".bias")
-                or any(k in n for k in ("A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed"))
-            ), n
-        if preset == "defocus_mamba_tiny":
-            assert any("A_log" in n for n in no_decay["names"]) and any(
-                "freq" in n for n in no_decay["names"]
-            )
-        if preset == "causal_vit_tiny":
-            assert any("pos_embed" in n for n in no_decay["names"])
-        assert any("cls_token" in n for n in no_decay["names"])
-        assert any(n.endswith("head.weight") for n in decay["names"])
-        opt = build_optimizer(model, load_config("tiny_cpu").optim, lr=1e-3)
-        assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+        assert (set(decay["names"]), set(no_decay["names"])) == _old_groups(model), label
+        checked |= {n.rsplit(".", 1)[-1] for n in no_decay["names"] if dict(model.named_parameters())[n].ndim > 1}
+    # the declarations matter: each of these is a >1-D tensor only the declaration keeps out of decay
+    assert {"A_log", "rope_freq", "cls_token", "pos_embed"} <= checked
+
+
+def test_frozen_parameters_are_left_out_and_empty_groups_dropped():
+    from conftest import tiny_config
+
+    from defocus_vlm import DefocusVisionForImageClassification
+
+    model = DefocusVisionForImageClassification(tiny_config("defocus_mamba_small", num_labels=4))
+    model.defocus.requires_grad_(False)
+    decay, no_decay = param_groups(model, 0.05)
+    assert all(n.startswith(("head.", "aux_head.")) for n in decay["names"] + no_decay["names"])
+    optim = load_config("tiny_cpu").optim
+    assert [g["weight_decay"] for g in build_optimizer(model, optim, lr=1e-3).param_groups] == [0.05, 0.0]
+    model.requires_grad_(False)
+    model.head.bias.requires_grad_(True)
+    assert [g["weight_decay"] for g in build_optimizer(model, optim, lr=1e-3).param_groups] == [0.0]
 
 
 # ------------------------------------------------------------------------------------------ data

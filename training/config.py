@@ -91,16 +91,13 @@ class OptimConfig:
     lr: float = 5e-4  # base learning rate (per lr_batch_ref images when scale_lr)
     lr_batch_ref: int = 512  # reference global batch of the LR scaling rule
     scale_lr: bool = True  # peak LR = lr * global batch / lr_batch_ref
-    weight_decay: float = 0.05  # AdamW weight decay (not on 1-D tensors, biases or no_decay_names)
+    weight_decay: float = 0.05  # AdamW weight decay (not on 1-D tensors, biases or modules' no_weight_decay())
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     eps: float = 1e-8  # AdamW eps
     warmup_epochs: float = 20.0  # linear warm-up length in epochs (fractions allowed), then cosine per step
     warmup_lr: float = 5e-7  # LR at the first warm-up step
     min_lr: float = 5e-6  # LR at the end of the cosine
     clip_grad: float = 10.0  # gradient-norm clipping (0 = off)
-    no_decay_names: list = field(  # parameter-name substrings kept out of weight decay
-        default_factory=lambda: ["A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed"]
-    )
 
 
 @dataclass
