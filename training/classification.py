@@ -14,7 +14,7 @@ from .augment import EvalTransform, TrainTransform, build_mixup, image_processor
 from .config import ClassificationRunConfig, ConfigError
 from .data import ClassificationDataset, open_source, verify_source
 from .engine import all_reduce_sum, batch_layout
-from .export import export_classifier
+from .export import export_model
 from .loop import StageTask, StepContext, reduce_count, run_stage
 
 
@@ -108,6 +108,9 @@ class ClassificationTask(StageTask):
                      drop_path_rate=ctx.drop_path)
         return out.loss
 
+    def sampler_repeats(self) -> int:
+        return self.cfg.augment.repeated_aug
+
     def evaluate(self, model: torch.nn.Module, ctx: StepContext) -> dict:
         from defocus_vlm.eval.classification import evaluate
 
@@ -120,15 +123,11 @@ class ClassificationTask(StageTask):
         text = f"val top-1 {metrics['raw']['top1']:.2f}"
         return text + (f" (EMA {metrics['ema']['top1']:.2f})" if "ema" in metrics else "")
 
-    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> Path:
-        # main directory = EMA when kept, raw/ beside it
-        processor = image_processor(self.cfg.data)
-        if ema_state is not None:
-            export_classifier(self.model_config, {**state, **ema_state}, processor, out_dir)
-            export_classifier(self.model_config, state, processor, out_dir / "raw")
-        else:
-            export_classifier(self.model_config, state, processor, out_dir)
-        return out_dir
+    def export(self, state: dict, out_dir: Path) -> None:
+        from defocus_vlm import DefocusVisionForImageClassification
+
+        export_model(DefocusVisionForImageClassification(self.model_config), state, image_processor(self.cfg.data),
+                     out_dir)
 
 
 def run(cfg: ClassificationRunConfig, resume: bool = False) -> dict:

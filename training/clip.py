@@ -22,6 +22,7 @@ import torch
 from .config import FASHION_MNIST_DIR, ConfigError, ImageDataConfig, OptimConfig, TrainConfig
 from .contrastive import LOSSES, contrastive_loss
 from .data import ClassificationDataset, verify_source
+from .export import export_model
 from .loop import StageTask, StepContext, reduce_count, run_stage
 from .pairs import (
     PAIR_SOURCES,
@@ -365,31 +366,16 @@ class ClipTask(StageTask):
         text = f"val {label} {metrics['raw'][key]:.2f}"
         return text + (f" (EMA {metrics['ema'][key]:.2f})" if "ema" in metrics else "")
 
-    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> Path:
-        """Main directory = EMA weights when kept (raw weights in raw/); each with the processor and
-        the image tower in image_tower/ (a DefocusVisionModel directory for stage 3)."""
-        if ema_state is not None:
-            self._export_one({**state, **ema_state}, out_dir)
-            self._export_one(state, out_dir / "raw")
-        else:
-            self._export_one(state, out_dir)
-        return out_dir
-
-    def _export_one(self, state: dict, out_dir: Path) -> None:
+    def export(self, state: dict, out_dir: Path) -> None:
+        """The CLIP model and its processor, and the image tower in image_tower/ (a DefocusVisionModel
+        directory for stage 3)."""
         from defocus_vlm import DefocusCLIPModel, DefocusCLIPProcessor
 
         from .augment import image_processor
 
         model = DefocusCLIPModel(self.model.config)
-        own = model.state_dict()
-        missing = set(own) - set(state)
-        if missing:
-            raise ValueError(f"cannot export: weights missing for {sorted(missing)[:5]}")
-        model.load_state_dict({k: state[k].detach().float().cpu() for k in own})
-        model.eval()
         processor = DefocusCLIPProcessor(image_processor(self.cfg.data), self.tokenizer)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        processor.save_pretrained(out_dir)
+        export_model(model, state, processor, out_dir)
         model.save_image_tower(out_dir / "image_tower", processor.image_processor)
 
 

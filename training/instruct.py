@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, OptimConfig, TrainConfig
 from .engine import all_reduce_sum
+from .export import export_model
 from .llava_data import (
     IGNORE_INDEX,
     LLAVA_IMAGE_TOKEN,
@@ -469,7 +470,7 @@ class InstructTask(StageTask):
         return f"eval exact match {raw['exact_match']:.2f} % ({raw['samples']} questions), loss {raw['loss']:.4f}"
 
     # ---- export
-    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> Path:
+    def export(self, state: dict, out_dir: Path) -> None:
         from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration
 
         base = DefocusVLMForConditionalGeneration(self.model_config)
@@ -477,11 +478,9 @@ class InstructTask(StageTask):
         if self.cfg.model.lora.r:
             from .lora import export_lora
 
-            return export_lora(self.peft_model, state, base, self.processor, out_dir)
-        base.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
-        base.eval().save_pretrained(out_dir, safe_serialization=True)
-        self.processor.save_pretrained(out_dir)
-        return out_dir
+            export_lora(self.peft_model, state, base, self.processor, out_dir)
+        else:
+            export_model(base, state, self.processor, out_dir)
 
 
 def run(cfg: InstructRunConfig, resume: bool = False) -> dict:
