@@ -45,6 +45,10 @@ class BandPassFilter(nn.Module):
             if tensor is not None:
                 tensor.copy_(value)
 
+    def no_weight_decay(self) -> set[str]:
+        """The decay and the RoPE frequencies are not weights to shrink (see DefocusEncoder.no_weight_decay)."""
+        return {"decay_log", "rope_freq"}
+
     def log_decay(self) -> torch.Tensor | None:
         """lambda_h (H,), all negative; None when decay is off."""
         return None if self.decay_log is None else -torch.exp(self.decay_log)

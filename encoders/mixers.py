@@ -153,6 +153,10 @@ class DefocusMambaMixer(nn.Module):
             self.freq.copy_(freq)
         self.D.fill_(1.0)
 
+    def no_weight_decay(self) -> set[str]:
+        """The state decay and the RoPE frequencies are not weights to shrink (see DefocusEncoder.no_weight_decay)."""
+        return {"A_log", "freq"}
+
     def _pairwise(self, t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(2, dim=-1) if self.rope_tied else t
 

@@ -63,6 +63,10 @@ class DefocusEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay (timm's convention; the optimiser collects every module's)."""
+        return {"cls_token", "pos_embed"}
+
     # ------------------------------------------------------------------ embedding
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
         """One clear error for malformed input, before any work. The shape checks are static; the NaN check reads

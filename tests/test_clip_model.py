@@ -147,18 +147,18 @@ def test_stage1_classifier_weights_initialise_the_image_tower(tmp_path):
 
 
 def test_pretrained_text_tower_and_its_tokenizer_are_loaded(tmp_path):
-    """text.pretrained (as for MiniLM or SmolLM2): the saved weights and tokenizer are used as they are."""
+    """model.text.pretrained (as for MiniLM or SmolLM2): the saved weights and tokenizer are used as they are."""
     from defocus_vlm.training.clip import build_clip_model, build_tokenizer
     from defocus_vlm.training.config import load_config
 
     text = AutoModel.from_config(DefocusCLIPConfig(text_config=BERT).text_config)
     text.save_pretrained(tmp_path / "bert")
     byte_level_tokenizer(64).save_pretrained(tmp_path / "bert")
-    cfg = load_config("tiny_cpu", [f"text.pretrained={tmp_path / 'bert'}", "text.config={}", "text.tokenizer=null",
-                                   "text.lock=true"], stage="clip")
-    tokenizer = build_tokenizer(cfg.text)
+    cfg = load_config("tiny_cpu", [f"model.text.pretrained={tmp_path / 'bert'}", "model.text.config={}",
+                                   "model.text.tokenizer=null", "model.text.freeze=true"], stage="clip")
+    tokenizer = build_tokenizer(cfg.model.text)
     model = build_clip_model(cfg, tokenizer)
-    assert model.config.text_pooling == "mean" and tokenizer.model_max_length == cfg.text.max_length
+    assert model.config.text_pooling == "mean" and tokenizer.model_max_length == cfg.model.text.max_length
     for name, value in text.state_dict().items():
         torch.testing.assert_close(model.text_model.state_dict()[name], value)
     assert not any(p.requires_grad for p in model.text_model.parameters())

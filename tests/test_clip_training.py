@@ -92,7 +92,7 @@ def test_siglip_with_a_locked_text_tower_scored_by_retrieval(tmp_path):
 
     from defocus_vlm.cli import main
 
-    cfg = tiny(tmp_path, "model.loss=siglip", "text.lock=true", "train.max_steps=2", "train.epochs=1",
+    cfg = tiny(tmp_path, "model.loss=siglip", "model.text.freeze=true", "train.max_steps=2", "train.epochs=1",
                "data.source=easy_vqa", "data.path=easy_vqa", "data.val_split=test", "data.in_chans=3",
                "data.limit_train=64", "data.limit_val=24")
     summary = run(cfg)
@@ -102,7 +102,7 @@ def test_siglip_with_a_locked_text_tower_scored_by_retrieval(tmp_path):
     assert {k: v for k, v in run_retrieval_eval(tmp_path / "model", "easy_vqa", limit=24).items() if k in val} == val
     assert main(["eval", "retrieval", "--model", str(tmp_path / "model"), "--data", "easy-vqa", "--limit", "4"]) == 0
     torch.manual_seed(cfg.train.seed)  # the run's initial weights
-    initial = build_clip_model(cfg, build_tokenizer(cfg.text)).state_dict()
+    initial = build_clip_model(cfg, build_tokenizer(cfg.model.text)).state_dict()
     trained = load_file(tmp_path / "model" / "model.safetensors")
     assert "logit_bias" in trained and not torch.equal(trained["logit_bias"], initial["logit_bias"])
     for key in (k for k in trained if k.startswith("text_model.")):
@@ -113,10 +113,10 @@ def test_siglip_with_a_locked_text_tower_scored_by_retrieval(tmp_path):
 def test_config_errors_and_print_config(capsys):
     from defocus_vlm.cli import main
 
-    with pytest.raises(ConfigError, match="exactly one of text.pretrained"):
-        tiny("/tmp/x", "text.pretrained=some/model")
+    with pytest.raises(ConfigError, match="exactly one of model.text.pretrained"):
+        tiny("/tmp/x", "model.text.pretrained=some/model")
     with pytest.raises(ConfigError, match="nothing but the projections"):
-        tiny("/tmp/x", "text.lock=true", "vision.lock=true")
+        tiny("/tmp/x", "model.text.freeze=true", "model.vision.freeze=true")
     with pytest.raises(ConfigError, match="did you mean"):
         tiny("/tmp/x", "model.los=siglip")
     assert main(["train", "clip", "--config", "tiny_cpu", "model.loss=siglip", "--print-config"]) == 0

@@ -1,4 +1,5 @@
-"""Config parsing, schedules, parameter groups, data checks and the sampler (no training)."""
+"""Config parsing (layout, base: inheritance, old keys, declared ranges), schedules, parameter groups,
+data checks and the sampler (no training)."""
 
 from __future__ import annotations
 
@@ -23,14 +24,225 @@ from defocus_vlm.data.classification import (
 FASHION = "/usr/share/datasets/fashion-mnist"
 
 
-def test_packaged_configs_load():
+STAGE_NAMES = ("classification", "clip", "instruct")
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_packaged_configs_load(stage):
     from defocus_vlm.training.config import CONFIG_ROOT
 
-    files = sorted((CONFIG_ROOT / "classification").glob("*.yaml"))
-    assert len(files) >= 7
+    files = sorted((CONFIG_ROOT / stage).glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        cfg = load_config(f, stage=stage)
+        assert cfg.stage == stage
+
+
+def test_the_registry_defines_every_stage_once():
+    """One registry: the name -> the run config (same layout in every stage) and the task."""
+    import dataclasses
+
+    from defocus_vlm.training import STAGES, get_stage
+    from defocus_vlm.training.config import OptimConfig, TrainConfig, VisionTowerConfig
+    from defocus_vlm.training.loop import StageTask
+
+    assert tuple(STAGES) == STAGE_NAMES
+    for name, stage in STAGES.items():
+        config = stage.config_class()()
+        assert config.stage == name and issubclass(stage.task_class(), StageTask)
+        assert [f.name for f in dataclasses.fields(config)][:3] == ["stage", "model", "data"]
+        assert isinstance(config.model.vision, VisionTowerConfig)
+        assert isinstance(config.optim, OptimConfig) and isinstance(config.train, TrainConfig)
+    with pytest.raises(ConfigError, match="unknown training stage 'pretrain'"):
+        get_stage("pretrain")
+
+
+def test_fashion_configs_are_the_recipe_plus_their_tower():
+    """The side-by-side and ablation files name a base and differ from the recipe only in the tower and
+    output_dir; the ablation files only in decay / RoPE from fashion_defocus_mamba."""
+    import dataclasses
+
+    from defocus_vlm.training.config import CONFIG_ROOT
+
+    def rest(cfg):
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vision=None),
+                                   train=dataclasses.replace(cfg.train, output_dir=""))
+
+    recipe = load_config("fashion_recipe")
+    files = sorted((CONFIG_ROOT / "classification").glob("fashion_*.yaml"))
+    assert len(files) == 16
+    mamba = load_config("fashion_defocus_mamba").model.vision
+    assert mamba.source == "defocus_mamba_tiny"
+    assert mamba.overrides == {"patch_size": 4, "embed_dim": 64, "depth": 4, "dt_rank": 8, "group_norm_size": 32}
     for f in files:
         cfg = load_config(f)
-        assert cfg.stage == "classification"
+        assert rest(cfg) == rest(recipe), f.name
+        assert cfg.train.output_dir == f"runs/{f.stem}"
+        if "_decay-" in f.stem:
+            decay, rope = f.stem.split("_decay-")[1].split("_rope-")
+            assert cfg.model.vision.overrides == {**mamba.overrides, "decay": decay, "rope": rope}
+        if f.stem != "fashion_recipe":
+            assert len(f.read_text().splitlines()) <= 10  # a base plus a few keys
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_base_inheritance_merges_deeply(tmp_path):
+    """A file extends its base (relative to itself, or a packaged config name): mappings merge key by
+    key, other values replace; a base may have a base; overrides apply last."""
+    (tmp_path / "bases").mkdir()
+    _write(tmp_path / "bases" / "mine.yaml", "base: tiny_cpu\nmodel: {vision: {overrides: {depth: 3}}}\n"
+                                              "train: {epochs: 5, output_dir: runs/mine}\n")
+    child = _write(tmp_path / "child.yaml", "base: bases/mine.yaml\nmodel: {vision: {overrides: {decay: fixed}}}\n"
+                                            "augment: {scale: [0.5, 1.0]}\ntrain: {epochs: 7}\n")
+    cfg = load_config(child, ["train.batch_size=16"])
+    packaged = load_config("tiny_cpu")
+    assert cfg.model.vision.overrides == {**packaged.model.vision.overrides, "depth": 3, "decay": "fixed"}
+    assert cfg.model.vision.source == packaged.model.vision.source
+    assert cfg.augment.scale == [0.5, 1.0] and cfg.augment.mixup == packaged.augment.mixup
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.output_dir) == (7, 16, "runs/mine")
+
+
+def test_base_cycles_missing_bases_and_other_stages_are_refused(tmp_path):
+    a = _write(tmp_path / "a.yaml", "base: b.yaml\ntrain: {epochs: 2}\n")
+    _write(tmp_path / "b.yaml", "base: c\n")
+    _write(tmp_path / "c.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"inherit in a cycle: .*a.yaml -> .*b.yaml -> .*c.yaml -> .*a.yaml"):
+        load_config(a)
+    itself = _write(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(itself)
+    missing = _write(tmp_path / "missing.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="base 'nowhere.yaml' not found"):
+        load_config(missing)
+    clip = _write(tmp_path / "clip.yaml", "stage: clip\n")
+    with pytest.raises(ConfigError, match="is for stage 'clip', not 'classification'"):
+        load_config(_write(tmp_path / "y.yaml", f"base: {clip}\n"))
+    with pytest.raises(ConfigError, match="base must name one file"):
+        load_config(_write(tmp_path / "z.yaml", "base: [a.yaml, b.yaml]\n"))
+
+
+@pytest.mark.parametrize("stage, old, new", [
+    ("classification", "model.preset=vit_tiny", "'model.vision.source'"),
+    ("classification", "model.init_from=runs/x/model", "'model.vision.source'"),
+    ("classification", "model.patch_size=4", "'model.vision.overrides.patch_size'"),
+    ("classification", "model.overrides.depth=3", "'model.vision.overrides.depth'"),
+    ("clip", "vision.preset=vit_tiny", "'model.vision.source'"),
+    ("clip", "vision.init_from=runs/x/model", "'model.vision.source'"),
+    ("clip", "vision.lock=true", "'model.vision.freeze'"),
+    ("clip", "vision.patch_size=8", "'model.vision.overrides.patch_size'"),
+    ("clip", "vision.overrides.depth=2", "'model.vision.overrides.depth'"),
+    ("clip", "vision.gradient_checkpointing=true", "'model.gradient_checkpointing'"),
+    ("clip", "text.lock=true", "'model.text.freeze'"),
+    ("clip", "text.max_length=8", "'model.text.max_length'"),
+    ("clip", "text.gradient_checkpointing=true", "'model.gradient_checkpointing'"),
+    ("instruct", "model.vision.img_size=64", "'model.vision.overrides.img_size'"),
+    ("instruct", "model.vision.patch_size=8", "'model.vision.overrides.patch_size'"),
+    ("classification", "optim.no_decay_names=[A_log]", "no_weight_decay()"),
+    ("clip", "optim.no_decay_names=[A_log]", "no_weight_decay()"),
+    ("instruct", "optim.no_decay_names=[A_log]", "no_weight_decay()"),
+])
+def test_an_old_key_names_its_new_key(stage, old, new):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny_cpu", [old], stage=stage)
+    message = str(err.value)
+    assert old.split("=")[0] in message and new in message and "\n" not in message
+
+
+def test_an_old_layout_file_is_refused_at_its_first_old_key(tmp_path):
+    old = _write(tmp_path / "old_clip.yaml", "stage: clip\nvision:\n  preset: defocus_vit_tiny\n  patch_size: 7\n"
+                                             "text: {config: {model_type: llama}, tokenizer: byte}\n")
+    with pytest.raises(ConfigError, match="'vision.preset' is now 'model.vision.source'"):
+        load_config(old, stage="clip")
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=-5", "train.max_steps must be >= 0, got -5"),
+    ("optim.warmup_lr=-1", "optim.warmup_lr must be >= 0, got -1.0"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every must be >= 0, got -1"),
+    ("train.precision=fp16", "train.precision must be one of auto / bf16 / fp32, got 'fp16'"),
+    ("optim.betas=[0.9, 1.5]", r"optim.betas must be in \[0, 1\), got \[0.9, 1.5\]"),
+])
+def test_values_outside_the_declared_range_are_refused(stage, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_cpu", [override], stage=stage)
+
+
+def _declared_fields(section, prefix=""):
+    import dataclasses
+
+    from defocus_vlm.training.fields import declared
+
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _declared_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value, declared(f)
+
+
+# numbers whose every value means something (a layer index counts from the end when negative; the logit
+# inits are logs)
+UNBOUNDED = {"model.vision_feature_layer", "model.logit_scale_init", "model.logit_bias_init"}
+
+
+def _outside(valid):
+    """A value just outside a declared Range or Choice."""
+    from defocus_vlm.training.fields import Choice
+
+    if isinstance(valid, Choice):
+        return "not_an_option" if isinstance(valid.options[0], str) else max(valid.options) + 1
+    if valid.lo is not None:
+        return valid.lo if valid.lo_open else valid.lo - 1
+    return valid.hi if valid.hi_open else valid.hi + 1
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_every_number_declares_its_range_and_the_check_is_generated_from_it(stage):
+    """Every numeric field declares a range; for each declaration, a value just outside it is refused
+    with the key, and a closed lower bound itself is accepted."""
+    from defocus_vlm.training import get_stage
+
+    checked = 0
+    for key, f, value, valid in _declared_fields(get_stage(stage).config_class()()):
+        numeric = any(name in f.type for name in ("int", "float"))
+        assert valid is not None or not numeric or key in UNBOUNDED, f"{stage}: {key} declares no range"
+        if valid is None:
+            continue
+        listed = isinstance(value, list) or f.type.startswith("list")
+        bad = _outside(valid)
+        with pytest.raises(ConfigError, match=f"^{key} must be "):
+            load_config("tiny_cpu", [f"{key}={[bad, bad] if listed else bad}"], stage=stage)
+        if getattr(valid, "lo", None) is not None and not valid.lo_open and not listed:
+            try:  # the bound passes its range check (a stage rule may still refuse it, e.g. clip's batch >= 2)
+                load_config("tiny_cpu", [f"{key}={valid.lo}"], stage=stage)
+            except ConfigError as err:
+                assert not str(err).startswith(f"{key} must be {valid.describe()}"), err
+        checked += 1
+    assert checked >= 30
+
+
+def test_cross_field_rules_stay_in_the_sections():
+    with pytest.raises(ConfigError, match="drop_path_min <= train.drop_path_max"):
+        load_config("tiny_cpu", ["train.drop_path_min=0.5", "train.drop_path_max=0.2"])
+    with pytest.raises(ConfigError, match="data.templates: every template needs exactly one"):
+        load_config("tiny_cpu", ["data.templates=[a photo]"], stage="clip")
+    with pytest.raises(ConfigError, match="train.batch_size must be at least 2"):
+        load_config("tiny_cpu", ["train.batch_size=1"], stage="clip")
+
+
+def test_the_configuration_reference_shows_ranges_and_choices():
+    from defocus_vlm.config_reference import render
+
+    text = render()
+    assert "| `train.max_steps` | `0` | `>= 0` |" in text
+    assert "| `train.ema_decay` | `0.9999` | `[0, 1)` |" in text
+    assert "| `model.loss` | `'clip'` | `clip / siglip` |" in text
+    assert "| `model.vision.source` | `'defocus_vit_tiny'` |" in text  # the stage's own default
 
 
 def test_overrides_and_types():
@@ -39,12 +251,12 @@ def test_overrides_and_types():
         [
             "train.epochs=5",
             "optim.lr=1e-3",
-            "model.overrides.depth=3",
+            "model.vision.overrides.depth=3",
             "augment.rand_augment=null",
             "train.deepspeed=zero2",
         ],
     )
-    assert cfg.train.epochs == 5 and cfg.optim.lr == 1e-3 and cfg.model.overrides["depth"] == 3
+    assert cfg.train.epochs == 5 and cfg.optim.lr == 1e-3 and cfg.model.vision.overrides["depth"] == 3
     assert cfg.augment.rand_augment is None
     assert load_config("tiny_cpu", ["optim.lr=1"]).optim.lr == 1.0  # int accepted for float
 
@@ -117,44 +329,68 @@ def test_scheduled_drop_path_reaches_layers():
     assert not torch.equal(c, d)
 
 
-def test_param_groups():
-    from defocus_vlm import DefocusVisionConfig, DefocusVisionForImageClassification
+# The rule the optimiser groups followed before modules declared no_weight_decay(): parameter-name
+# substrings from the config. Kept here as the reference the declarations must reproduce.
+OLD_NO_DECAY = ("A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed")
 
-    for preset, extra in (
-        ("defocus_mamba_tiny", dict(dt_rank=4, group_norm_size=16)),
-        ("defocus_vit_tiny", dict(num_heads=2)),
-        ("causal_vit_tiny", dict(num_heads=2)),
-        ("defocus_retnet_tiny", dict(num_heads=2)),
-    ):
-        cfg = DefocusVisionConfig.from_preset(
-            preset, num_labels=4, img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, **extra
-        )
-        model = DefocusVisionForImageClassification(cfg)
+
+def _old_groups(model) -> tuple[set, set]:
+    decay, no_decay = set(), set()
+    for name, p in model.named_parameters():
+        skip = p.ndim <= 1 or name.endswith(".bias") or any(key in name for key in OLD_NO_DECAY)
+        (no_decay if skip else decay).add(name)
+    return decay, no_decay
+
+
+def _models_of_every_preset():
+    """(label, model) for every preset x decay x RoPE setting at test size, a CLIP model and a VLM."""
+    from conftest import ALL_PRESETS, tiny_config
+
+    from defocus_vlm import DefocusCLIPConfig, DefocusCLIPModel, DefocusVisionForImageClassification
+    from defocus_vlm.modeling_vlm import tiny_vlm
+
+    for preset in ALL_PRESETS:
+        for decay in ("none", "fixed", "learnable"):
+            for rope in ("none", "fixed", "learnable"):
+                config = tiny_config(preset, num_labels=4, decay=decay, rope=rope)
+                yield f"{preset} decay={decay} rope={rope}", DefocusVisionForImageClassification(config)
+    llama = dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    for loss in ("clip", "siglip"):
+        vision = tiny_config("defocus_mamba_small", num_labels=0)
+        yield f"clip {loss}", DefocusCLIPModel(DefocusCLIPConfig(vision_config=vision, text_config=llama,
+                                                                 projection_dim=8, loss_type=loss))
+    for preset in ("defocus_mamba_small", "defocus_vit_small", "causal_vit_small"):
+        yield f"vlm {preset}", tiny_vlm("llama", preset)[0]
+
+
+def test_declared_no_weight_decay_gives_the_old_groups_for_every_preset():
+    """Modules' no_weight_decay() + (1-D tensors, biases) split the parameters exactly as the old
+    name-substring rule did, for every encoder preset and decay/RoPE setting, CLIP and the VLM."""
+    checked = set()
+    for label, model in _models_of_every_preset():
         decay, no_decay = param_groups(model, 0.05)
         assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-        names = dict(model.named_parameters())
-        assert set(decay["names"]) | set(no_decay["names"]) == set(names)
-        assert not set(decay["names"]) & set(no_decay["names"])
-        for n in decay["names"]:
-            assert names[n].ndim >= 2 and not n.endswith(".bias")
-            assert not any(k in n for k in ("A_log", "freq", "decay_log", "cls_token", "pos_embed"))
-        for n in no_decay["names"]:
-            p = names[n]
-            assert (
-                p.ndim <= 1
-                or n.endswith(".bias")
-                or any(k in n for k in ("A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed"))
-            ), n
-        if preset == "defocus_mamba_tiny":
-            assert any("A_log" in n for n in no_decay["names"]) and any(
-                "freq" in n for n in no_decay["names"]
-            )
-        if preset == "causal_vit_tiny":
-            assert any("pos_embed" in n for n in no_decay["names"])
-        assert any("cls_token" in n for n in no_decay["names"])
-        assert any(n.endswith("head.weight") for n in decay["names"])
-        opt = build_optimizer(model, load_config("tiny_cpu").optim, lr=1e-3)
-        assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+        assert (set(decay["names"]), set(no_decay["names"])) == _old_groups(model), label
+        checked |= {n.rsplit(".", 1)[-1] for n in no_decay["names"] if dict(model.named_parameters())[n].ndim > 1}
+    # the declarations matter: each of these is a >1-D tensor only the declaration keeps out of decay
+    assert {"A_log", "rope_freq", "cls_token", "pos_embed"} <= checked
+
+
+def test_frozen_parameters_are_left_out_and_empty_groups_dropped():
+    from conftest import tiny_config
+
+    from defocus_vlm import DefocusVisionForImageClassification
+
+    model = DefocusVisionForImageClassification(tiny_config("defocus_mamba_small", num_labels=4))
+    model.defocus.requires_grad_(False)
+    decay, no_decay = param_groups(model, 0.05)
+    assert all(n.startswith(("head.", "aux_head.")) for n in decay["names"] + no_decay["names"])
+    optim = load_config("tiny_cpu").optim
+    assert [g["weight_decay"] for g in build_optimizer(model, optim, lr=1e-3).param_groups] == [0.05, 0.0]
+    model.requires_grad_(False)
+    model.head.bias.requires_grad_(True)
+    assert [g["weight_decay"] for g in build_optimizer(model, optim, lr=1e-3).param_groups] == [0.0]
 
 
 # ------------------------------------------------------------------------------------------ data

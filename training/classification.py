@@ -5,19 +5,45 @@ a summary with the per-step losses (used by the tests)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
 
 from defocus_vlm.compat import enable_activation_checkpointing
+from defocus_vlm.configuration_defocus import AUX_LOSSES
 from defocus_vlm.data.classification import ClassificationDataset, open_source, verify_source
 
 from .augment import EvalTransform, TrainTransform, build_mixup, image_processor, make_targets
-from .config import ClassificationRunConfig, ConfigError
+from .config import AugmentConfig, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig, VisionTowerConfig
 from .engine import all_reduce_sum, batch_layout
-from .export import export_classifier
+from .export import export_model
+from .fields import choice
 from .loop import StageTask, StepContext, reduce_count, run_stage
+from .towers import is_export, load_encoder, load_weights, refuse_reshaped, saved_model_type, tower_config
+
+
+@dataclass
+class ClassifierConfig:
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    aux_loss: str = choice("pooled", *AUX_LOSSES)  # "pooled" (paper) | "token" (official code) | "none"
+    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30 % slower)
+
+
+@dataclass
+class ClassificationRunConfig(RunConfig):
+    stage: str = "classification"  # the stage this file configures (checked against the command)
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    moved: ClassVar[dict[str, str]] = {
+        "model.preset": "model.vision.source", "model.init_from": "model.vision.source",
+        "model.patch_size": "model.vision.overrides.patch_size", "model.overrides": "model.vision.overrides"}
 
 
 class _EvalSampler(torch.utils.data.Sampler):
@@ -33,28 +59,13 @@ class _EvalSampler(torch.utils.data.Sampler):
         return iter(self.idx)
 
 
-def build_model_config(cfg: ClassificationRunConfig, classes: list[str]):
-    from defocus_vlm import DefocusVisionConfig
-
-    overrides = dict(cfg.model.overrides)
-    for key in ("num_labels", "img_size", "in_chans", "id2label", "label2id"):
-        if key in overrides:
-            raise ConfigError(f"model.overrides.{key} is set from the data; remove it")
+def build_model_config(cfg: ClassificationRunConfig, classes: list[str], saved: Any = None):
+    """The classifier's DefocusVisionConfig: the tower's (a preset's, or an export's ``saved`` config) with
+    ``model.vision.overrides``, and the classes, image size and channels of the data."""
     id2label = {i: name for i, name in enumerate(classes)}
-    try:
-        return DefocusVisionConfig.from_preset(
-            cfg.model.preset,
-            num_labels=len(classes),
-            img_size=cfg.data.img_size,
-            in_chans=cfg.data.in_chans,
-            patch_size=cfg.model.patch_size,
-            aux_loss=cfg.model.aux_loss,
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
-            **overrides,
-        )
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"model config: {err}") from err
+    return tower_config(cfg.model.vision, saved, num_labels=len(classes), img_size=cfg.data.img_size,
+                        in_chans=cfg.data.in_chans, aux_loss=cfg.model.aux_loss, id2label=id2label,
+                        label2id={v: k for k, v in id2label.items()})
 
 
 class ClassificationTask(StageTask):
@@ -78,16 +89,27 @@ class ClassificationTask(StageTask):
         return ClassificationDataset(train_src, TrainTransform(d, cfg.augment), d.on_corrupt, d.limit_train)
 
     def build_model(self) -> torch.nn.Module:
-        from defocus_vlm import DefocusVisionForImageClassification
+        from defocus_vlm import DefocusVisionConfig
+        from defocus_vlm import DefocusVisionForImageClassification as Classifier
 
         m = self.cfg.model
-        self.model_config = build_model_config(self.cfg, self.classes)
-        if m.init_from:
-            model = DefocusVisionForImageClassification.from_pretrained(
-                m.init_from, config=self.model_config, ignore_mismatched_sizes=True
-            )
-        else:
-            model = DefocusVisionForImageClassification(self.model_config)
+        v = m.vision
+        if not is_export(v):
+            self.model_config = build_model_config(self.cfg, self.classes)
+            model = Classifier(self.model_config)
+        elif saved_model_type(v) == "defocus_vision":  # a classifier (its head is kept if the classes fit)
+            saved = DefocusVisionConfig.from_pretrained(v.source)
+            self.model_config = build_model_config(self.cfg, self.classes, saved)
+            model, info = Classifier.from_pretrained(v.source, config=self.model_config, ignore_mismatched_sizes=True,
+                                                     output_loading_info=True)
+            refuse_reshaped(v, [m for m in info["mismatched_keys"] if not m[0].startswith(("head.", "aux_head."))])
+        else:  # a CLIP model's or a VLM's encoder under a new head
+            encoder = load_encoder(v, apply_overrides=False)
+            self.model_config = build_model_config(self.cfg, self.classes, encoder.config)
+            model = Classifier(self.model_config)
+            load_weights(model.defocus, encoder, v)
+        if v.freeze:
+            model.defocus.requires_grad_(False)
         if m.gradient_checkpointing:
             enable_activation_checkpointing(model)
         return model
@@ -110,6 +132,9 @@ class ClassificationTask(StageTask):
                      drop_path_rate=ctx.drop_path)
         return out.loss
 
+    def sampler_repeats(self) -> int:
+        return self.cfg.augment.repeated_aug
+
     def evaluate(self, model: torch.nn.Module, ctx: StepContext) -> dict:
         from defocus_vlm.eval.classification import evaluate
 
@@ -122,15 +147,11 @@ class ClassificationTask(StageTask):
         text = f"val top-1 {metrics['raw']['top1']:.2f}"
         return text + (f" (EMA {metrics['ema']['top1']:.2f})" if "ema" in metrics else "")
 
-    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> Path:
-        # main directory = EMA when kept, raw/ beside it
-        processor = image_processor(self.cfg.data)
-        if ema_state is not None:
-            export_classifier(self.model_config, {**state, **ema_state}, processor, out_dir)
-            export_classifier(self.model_config, state, processor, out_dir / "raw")
-        else:
-            export_classifier(self.model_config, state, processor, out_dir)
-        return out_dir
+    def export(self, state: dict, out_dir: Path) -> None:
+        from defocus_vlm import DefocusVisionForImageClassification
+
+        export_model(DefocusVisionForImageClassification(self.model_config), state, image_processor(self.cfg.data),
+                     out_dir)
 
 
 def run(cfg: ClassificationRunConfig, resume: bool = False) -> dict:

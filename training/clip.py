@@ -1,8 +1,9 @@
 """Stage 2: CLIP-style image-text alignment of a De-focus image tower with a text tower, on the
 shared DeepSpeed loop (training/loop.py).
 
-The towers: the image tower is a preset or a stage-1 export; the text tower is a pretrained
-Hugging Face model (MiniLM, SmolLM2, ...) or one built from a config and trained from scratch.
+The towers (``model.vision``, ``model.text``): the image tower is a preset or an export's encoder; the
+text tower is a pretrained Hugging Face model (MiniLM, SmolLM2, ...) or one built from a config and
+trained from scratch.
 The loss is InfoNCE or SigLIP over the *global* batch (features gathered across processes). With
 gradient accumulation the step keeps every in-batch negative (GradCache): embeddings of all micro
 batches are computed without a graph, the loss and its gradient w.r.t. the embeddings are taken
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -32,24 +34,22 @@ from defocus_vlm.data.pairs import (
     open_pairs,
 )
 
-from .config import FASHION_MNIST_DIR, ConfigError, ImageDataConfig, OptimConfig, TrainConfig
+from .config import (
+    FASHION_MNIST_DIR,
+    ConfigError,
+    ImageDataConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    VisionTowerConfig,
+)
+from .export import export_model
+from .fields import choice, num
 from .loop import StageTask, StepContext, reduce_count, run_stage
+from .towers import is_export, load_encoder, tower_config
 
 
 # --------------------------------------------------------------------------- run config
-@dataclass
-class VisionTowerConfig:
-    """A preset (``defocus-vlm presets``) with ``overrides`` (img_size / in_chans come from the
-    data), or ``init_from``: a stage-1 export (classifier or ``DefocusVisionModel`` directory)."""
-
-    preset: str = "defocus_vit_tiny"  # image tower architecture (ignored with init_from)
-    patch_size: int = 16  # patch side in pixels
-    overrides: dict = field(default_factory=dict)  # preset fields to change (embed_dim, depth, decay, rope, ...)
-    init_from: str | None = None  # a stage-1 export to start from (its class token is pooled)
-    lock: bool = False  # freeze the tower (its projection still trains)
-    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, slower)
-
-
 @dataclass
 class TextTowerConfig:
     """``pretrained``: a Hugging Face text model directory or name, loaded offline (``gguf_file``
@@ -61,18 +61,20 @@ class TextTowerConfig:
     gguf_file: str | None = None  # GGUF file name inside ``pretrained`` (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)
     config: dict = field(default_factory=dict)  # from scratch: model_type and sizes (vocab/pad ids: tokenizer)
     tokenizer: str | None = None  # "byte" or a tokenizer directory (null: the pretrained model's own)
-    pooling: str = "auto"  # auto | last | mean | first (auto: last for causal LMs, mean for encoders)
-    max_length: int = 32  # captions and prompts are truncated to this many tokens
-    lock: bool = False  # freeze the tower (its projection still trains)
-    gradient_checkpointing: bool = False  # recompute layer activations in backward (if the model supports it)
+    pooling: str = choice("auto", "auto", "last", "mean", "first")  # auto: last for causal LMs, mean for encoders
+    max_length: int = num(32, ge=1)  # captions and prompts are truncated to this many tokens
+    freeze: bool = False  # keep the tower's weights fixed (its projection still trains)
 
 
 @dataclass
-class ClipHeadConfig:
-    projection_dim: int = 256  # width of the shared image-text embedding
-    loss: str = "clip"  # "clip" (InfoNCE) | "siglip" (pairwise sigmoid with a learnable bias)
+class ClipModelConfig:
+    vision: VisionTowerConfig = field(default_factory=lambda: VisionTowerConfig(source="defocus_vit_tiny"))
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    projection_dim: int = num(256, ge=1)  # width of the shared image-text embedding
+    loss: str = choice("clip", *LOSSES)  # "clip" (InfoNCE) | "siglip" (pairwise sigmoid with a learnable bias)
     logit_scale_init: float | None = None  # default: log(1/0.07) (clip) or log(10) (siglip)
     logit_bias_init: float | None = None  # default: none (clip) or -10 (siglip)
+    gradient_checkpointing: bool = False  # recompute the towers' activations in backward (text: if supported)
 
 
 @dataclass
@@ -81,7 +83,7 @@ class PairDataConfig(ImageDataConfig):
     folder / HF classification dataset captioned with ``templates``). File sources are one split
     each: ``path`` trains and ``val_path`` (optional) validates."""
 
-    source: str = "auto"
+    source: str = choice("auto", *PAIR_SOURCES)
     path: str = FASHION_MNIST_DIR  # pairs location (see source; "easy_vqa" for the built-in set)
     val_path: str | None = None  # file sources: the validation pairs (null: no validation)
     train_split: str = "train"  # split used for training (built-in and datasets sources)
@@ -90,61 +92,53 @@ class PairDataConfig(ImageDataConfig):
     caption_column: str = "caption"  # caption column / key of a table or datasets dataset
     templates: list | None = None  # caption templates of labelled sources ("a photo of a {}."); null = built-in
 
+    def rules(self) -> list[tuple[bool, str]]:
+        try:
+            if self.templates is not None:
+                check_templates(self.templates, "data.templates")
+        except ValueError as err:
+            return [(False, str(err))]
+        return []
+
 
 @dataclass
 class PairAugmentConfig:
     """Image augmentation (timm). Colour changes are off by default: captions may name colours."""
 
-    scale: list = field(default_factory=lambda: [0.9, 1.0])  # RandomResizedCrop area range
-    hflip: float = 0.0  # horizontal flip probability
+    scale: list = num([0.9, 1.0], gt=0, le=1)  # RandomResizedCrop area range
+    hflip: float = num(0.0, ge=0, le=1)  # horizontal flip probability
     rand_augment: str | None = None  # timm RandAugment spec (e.g. rand-m9-mstd0.5-inc1); null = off
-    color_jitter: float = 0.0  # colour jitter strength (0 = off)
-    random_erasing: float = 0.0  # random erasing probability
+    color_jitter: float = num(0.0, ge=0)  # colour jitter strength (0 = off)
+    random_erasing: float = num(0.0, ge=0, le=1)  # random erasing probability
 
 
 @dataclass
-class ClipRunConfig:
+class ClipRunConfig(RunConfig):
     stage: str = "clip"  # the stage this file configures (checked against the command)
-    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
-    text: TextTowerConfig = field(default_factory=TextTowerConfig)
-    model: ClipHeadConfig = field(default_factory=ClipHeadConfig)
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
     data: PairDataConfig = field(default_factory=PairDataConfig)
     augment: PairAugmentConfig = field(default_factory=PairAugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)  # the configs set open_clip's recipe (see configs/clip)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> None:
-        t, d, v, x = self.train, self.data, self.vision, self.text
-        checks = [
-            (t.batch_size >= 2, "train.batch_size must be at least 2 (contrastive losses need negatives)"),
-            (t.epochs > 0, "train.epochs must be positive"),
-            (0 <= t.drop_path_min <= t.drop_path_max < 1, "need 0 <= train.drop_path_min <= train.drop_path_max < 1"),
-            (t.drop_path_schedule in ("linear", "constant"), "train.drop_path_schedule must be 'linear' or 'constant'"),
-            (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
-            (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
-            (d.source in PAIR_SOURCES, f"data.source must be one of {', '.join(PAIR_SOURCES)}"),
-            (d.on_corrupt in ("skip", "fail"), "data.on_corrupt must be 'skip' or 'fail'"),
-            (d.in_chans in (1, 3), "data.in_chans must be 1 or 3"),
-            (self.model.loss in LOSSES, f"model.loss must be one of {', '.join(LOSSES)}"),
-            (self.model.projection_dim > 0, "model.projection_dim must be positive"),
-            (x.pooling in ("auto", "last", "mean", "first"), "text.pooling must be auto, last, mean or first"),
-            (x.max_length > 0, "text.max_length must be positive"),
+    moved: ClassVar[dict[str, str]] = {
+        "vision": "model.vision", "vision.preset": "model.vision.source", "vision.init_from": "model.vision.source",
+        "vision.patch_size": "model.vision.overrides.patch_size", "vision.lock": "model.vision.freeze",
+        "vision.gradient_checkpointing": "model.gradient_checkpointing", "text": "model.text",
+        "text.lock": "model.text.freeze", "text.gradient_checkpointing": "model.gradient_checkpointing"}
+
+    def rules(self) -> list[tuple[bool, str]]:
+        x = self.model.text
+        return [
+            (self.train.batch_size >= 2, "train.batch_size must be at least 2 (contrastive losses need negatives)"),
             (bool(x.pretrained) != bool(x.config),
-             "give exactly one of text.pretrained (a Hugging Face text model) and text.config (a model_type and "
-             "sizes, trained from scratch)"),
-            (bool(x.pretrained) or bool(x.tokenizer), "text.config needs text.tokenizer ('byte' or a tokenizer path)"),
-            (not (v.lock and x.lock),
-             "vision.lock and text.lock are both set: nothing but the projections would train"),
-            (self.optim.min_lr >= 0 and self.optim.lr > 0, "optim.lr must be positive, optim.min_lr >= 0"),
+             "give exactly one of model.text.pretrained (a Hugging Face text model) and model.text.config (a "
+             "model_type and sizes, trained from scratch)"),
+            (bool(x.pretrained) or bool(x.tokenizer),
+             "model.text.config needs model.text.tokenizer ('byte' or a tokenizer path)"),
+            (not (self.model.vision.freeze and x.freeze),
+             "model.vision.freeze and model.text.freeze are both set: nothing but the projections would train"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        if d.templates is not None:
-            try:
-                check_templates(d.templates, "data.templates")
-            except ValueError as err:
-                raise ConfigError(str(err)) from err
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -191,52 +185,38 @@ def _text_tower(text: TextTowerConfig, tokenizer):
 
 
 def _vision_tower(cfg: ClipRunConfig):
-    """(config, model or None): a stage-1 export, or a preset sized for the data."""
-    from defocus_vlm import DefocusVisionConfig, DefocusVisionModel
-
-    v, d = cfg.vision, cfg.data
-    if v.init_from:
-        path = Path(v.init_from)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"vision.init_from: no model at {path} (config.json missing)")
-        model = DefocusVisionModel.from_pretrained(path)
-        if model.config.in_chans != d.in_chans:
-            raise ConfigError(f"vision.init_from {path} reads {model.config.in_chans}-channel images but "
-                              f"data.in_chans is {d.in_chans}")
-        return model.config, model
-    for key in ("img_size", "in_chans", "patch_size"):
-        if key in v.overrides:
-            raise ConfigError(f"vision.overrides.{key} is set elsewhere (data.{key} / vision.patch_size); remove it")
-    try:
-        config = DefocusVisionConfig.from_preset(v.preset, img_size=d.img_size, in_chans=d.in_chans,
-                                                 patch_size=v.patch_size, num_labels=0, aux_loss="none",
-                                                 **v.overrides)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"vision tower config: {err}") from err
-    return config, None
+    """(config, model or None): an export's encoder, or a preset sized for the data."""
+    v, d = cfg.model.vision, cfg.data
+    if not is_export(v):
+        return tower_config(v, img_size=d.img_size, in_chans=d.in_chans, num_labels=0, aux_loss="none"), None
+    model = load_encoder(v)
+    if model.config.in_chans != d.in_chans:
+        raise ConfigError(f"model.vision.source {v.source} reads {model.config.in_chans}-channel images but "
+                          f"data.in_chans is {d.in_chans}")
+    return model.config, model
 
 
 def build_clip_model(cfg: ClipRunConfig, tokenizer):
     from defocus_vlm import DefocusCLIPConfig, DefocusCLIPModel
 
     vision_config, vision_model = _vision_tower(cfg)
-    text_config, text_model = _text_tower(cfg.text, tokenizer)
     m = cfg.model
+    text_config, text_model = _text_tower(m.text, tokenizer)
     try:
         config = DefocusCLIPConfig(
             vision_config=vision_config, text_config=text_config, projection_dim=m.projection_dim,
-            text_pooling=cfg.text.pooling, loss_type=m.loss, logit_scale_init_value=m.logit_scale_init,
+            text_pooling=m.text.pooling, loss_type=m.loss, logit_scale_init_value=m.logit_scale_init,
             logit_bias_init_value=m.logit_bias_init)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"CLIP model config: {err}") from err
     model = DefocusCLIPModel(config, vision_model=vision_model, text_model=text_model)
-    if cfg.vision.gradient_checkpointing:
+    if m.gradient_checkpointing:
         enable_activation_checkpointing(model.vision_model)
-    if cfg.text.gradient_checkpointing:
-        enable_activation_checkpointing(model.text_model)
-    if cfg.vision.lock:
+        if model.text_model.supports_gradient_checkpointing:
+            enable_activation_checkpointing(model.text_model)
+    if m.vision.freeze:
         model.lock_image_tower()
-    if cfg.text.lock:
+    if m.text.freeze:
         model.lock_text_tower()
     return model
 
@@ -249,8 +229,8 @@ class ClipTask(StageTask):
         from .augment import AugmentConfig, EvalTransform, TrainTransform
 
         cfg, d = self.cfg, self.cfg.data
-        self.tokenizer = build_tokenizer(cfg.text)
-        self.collator = PairCollator(self.tokenizer, cfg.text.max_length)
+        self.tokenizer = build_tokenizer(cfg.model.text)
+        self.collator = PairCollator(self.tokenizer, cfg.model.text.max_length)
         train_src = open_pairs(d.source, d.path, d.train_split, d.image_column, d.caption_column, d.templates)
         val_src = self._open_val()
         if d.verify:
@@ -358,8 +338,8 @@ class ClipTask(StageTask):
                                      self.num_workers())
         from defocus_vlm.eval.retrieval import evaluate_retrieval
 
-        return evaluate_retrieval(model, self.val_ds, self.tokenizer, self.cfg.text.max_length, ctx.device, ctx.dtype,
-                                  t.eval_batch_size, self.num_workers())
+        return evaluate_retrieval(model, self.val_ds, self.tokenizer, self.cfg.model.text.max_length, ctx.device,
+                                  ctx.dtype, t.eval_batch_size, self.num_workers())
 
     def summary_line(self, metrics: dict) -> str:
         key = "top1" if self.zeroshot else "i2t_r1"
@@ -367,31 +347,16 @@ class ClipTask(StageTask):
         text = f"val {label} {metrics['raw'][key]:.2f}"
         return text + (f" (EMA {metrics['ema'][key]:.2f})" if "ema" in metrics else "")
 
-    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> Path:
-        """Main directory = EMA weights when kept (raw weights in raw/); each with the processor and
-        the image tower in image_tower/ (a DefocusVisionModel directory for stage 3)."""
-        if ema_state is not None:
-            self._export_one({**state, **ema_state}, out_dir)
-            self._export_one(state, out_dir / "raw")
-        else:
-            self._export_one(state, out_dir)
-        return out_dir
-
-    def _export_one(self, state: dict, out_dir: Path) -> None:
+    def export(self, state: dict, out_dir: Path) -> None:
+        """The CLIP model and its processor, and the image tower in image_tower/ (a DefocusVisionModel
+        directory for stage 3)."""
         from defocus_vlm import DefocusCLIPModel, DefocusCLIPProcessor
 
         from .augment import image_processor
 
         model = DefocusCLIPModel(self.model.config)
-        own = model.state_dict()
-        missing = set(own) - set(state)
-        if missing:
-            raise ValueError(f"cannot export: weights missing for {sorted(missing)[:5]}")
-        model.load_state_dict({k: state[k].detach().float().cpu() for k in own})
-        model.eval()
         processor = DefocusCLIPProcessor(image_processor(self.cfg.data), self.tokenizer)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        processor.save_pretrained(out_dir)
+        export_model(model, state, processor, out_dir)
         model.save_image_tower(out_dir / "image_tower", processor.image_processor)
 
 

@@ -1,8 +1,11 @@
-"""Run configuration: a YAML file plus ``dotted.key=value`` overrides, checked into dataclasses.
+"""Run configuration: a YAML file (which may name a ``base:`` file it extends) plus ``dotted.key=value``
+overrides, checked into dataclasses.
 
-Every item of the paper's recipe (PAPER.md §3) is a field here, so a run or an ablation is a
-config file, never a code edit. Unknown keys and wrongly typed values are refused with one
-clear message naming the key (and the closest known key)."""
+Every run config has the same layout: ``stage``, ``model`` (with ``model.vision``: a
+:class:`VisionTowerConfig`), ``data``, ``[augment]``, ``optim``, ``train``. Every item of the paper's
+recipe (PAPER.md §3) is a field here or in a stage's module, so a run or an ablation is a config file,
+never a code edit. Unknown keys, wrongly typed values, values outside a field's declared range and keys
+of the old layout are refused with one clear message naming the key."""
 
 from __future__ import annotations
 
@@ -13,48 +16,51 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from defocus_vlm.data.classification import FASHION_MNIST_DIR
 from defocus_vlm.overrides import parse_assignment
 
+from .fields import ConfigError, check_fields, choice, num  # ConfigError: callers import it from here
+
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot be used, with the key and the reason."""
+PRECISIONS = ("auto", "bf16", "fp32")
+ON_CORRUPT = ("skip", "fail")
 
 
 @dataclass
-class ModelConfig:
-    """preset: a name from ``defocus-vlm presets``; overrides: any DefocusVisionConfig field
-    (embed_dim, depth, decay, rope, ...). img_size / in_chans / num_labels come from the data."""
+class VisionTowerConfig:
+    """The image encoder of every stage.
 
-    preset: str = "defocus_mamba_tiny"
-    patch_size: int = 16  # patch side in pixels
-    aux_loss: str = "pooled"  # "pooled" (paper) | "token" (official code) | "none"
-    overrides: dict = field(default_factory=dict)  # preset fields to change (embed_dim, depth, decay, rope, ...)
-    gradient_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30 % slower)
-    init_from: str | None = None  # an HF directory to start from (fine-tuning)
+    source: a preset name (``defocus-vlm presets``; randomly initialised) or a directory with a De-focus
+        export whose encoder starts the run: a vision model or classifier (stage 1), a CLIP model
+        (stage 2) or a VLM (stage 3).
+    overrides: DefocusVisionConfig fields to change (patch_size, embed_dim, depth, decay, rope, ...); a
+        stage sets the fields that come from its data itself (img_size and in_chans in classification and
+        CLIP). On a directory, fields that change a weight's shape cannot load its weights."""
+
+    source: str = "defocus_mamba_tiny"
+    freeze: bool = False  # keep the encoder's weights fixed (the head / projection / projector still trains)
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
 class ImageDataConfig:
     """Image decoding, preprocessing and limits shared by the data sections of every image stage."""
 
-    img_size: int = 224  # training / evaluation resolution
-    in_chans: int = 3  # 1 (grey) or 3 (RGB); images are converted to this
-    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
+    img_size: int = num(224, ge=1)  # training / evaluation resolution
+    in_chans: int = choice(3, 1, 3)  # 1 (grey) or 3 (RGB); images are converted to this
+    crop_pct: float = num(0.875, gt=0, le=1)  # evaluation: resize to img_size / crop_pct, then centre-crop img_size
     mean: list | None = None  # normalisation mean per channel (null: ImageNet's, or 0.5 for grey)
-    std: list | None = None  # normalisation std per channel (null: ImageNet's, or 0.5 for grey)
+    std: list | None = num(None, gt=0)  # normalisation std per channel (null: ImageNet's, or 0.5 for grey)
     interpolation: str = "bicubic"  # resize filter (bicubic, bilinear, ...)
-    num_workers: int = 0  # DataLoader worker processes
-    on_corrupt: str = "skip"  # "skip" (replace with the next image, count it) | "fail"
-    verify: int = 64  # images decoded per split before training (-1 = all, 0 = none)
-    limit_train: int = 0  # use only the first N training samples (0 = all): tiny/debug runs
-    limit_val: int = 0  # use only the first N validation samples (0 = all)
+    num_workers: int = num(0, ge=0)  # DataLoader worker processes
+    on_corrupt: str = choice("skip", *ON_CORRUPT)  # "skip" (replace with the next image, count it) | "fail"
+    verify: int = num(64, ge=-1)  # images decoded per split before training (-1 = all, 0 = none)
+    limit_train: int = num(0, ge=0)  # use only the first N training samples (0 = all): tiny/debug runs
+    limit_val: int = num(0, ge=0)  # use only the first N validation samples (0 = all)
 
 
 @dataclass
@@ -63,131 +69,95 @@ class DataConfig(ImageDataConfig):
     "hf" (a ``save_to_disk`` directory or a dataset loadable by ``datasets.load_dataset(path)``)
     or "auto" (decided from what ``path`` contains)."""
 
-    source: str = "auto"
+    source: str = choice("auto", "auto", "fashion_mnist", "imagefolder", "hf")
     path: str = FASHION_MNIST_DIR  # dataset location (see source)
     train_split: str = "train"  # split / folder name used for training
     val_split: str = "val"  # split / folder name used for validation
     image_column: str = "image"  # image column of a datasets dataset
     label_column: str = "label"  # label column of a datasets dataset
+
+
 @dataclass
 class AugmentConfig:
     """DeiT / paper recipe; all from timm. mixup/cutmix are the Beta alphas (0 = off)."""
 
-    scale: list = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
-    hflip: float = 0.5  # horizontal flip probability
+    scale: list = num([0.08, 1.0], gt=0, le=1)  # RandomResizedCrop area range
+    hflip: float = num(0.5, ge=0, le=1)  # horizontal flip probability
     rand_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (null = off)
-    color_jitter: float = 0.4  # colour jitter strength (0 = off)
-    random_erasing: float = 0.25  # random erasing probability
-    mixup: float = 0.8  # mixup Beta alpha (0 = off)
-    cutmix: float = 1.0  # cutmix Beta alpha (0 = off)
-    mixup_prob: float = 1.0  # probability of applying mixup or cutmix to a batch
-    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
-    label_smoothing: float = 0.1  # label smoothing of the (mixed) targets
-    repeated_aug: int = 3  # repeats per sample (timm RepeatAugSampler); 0 or 1 = off
+    color_jitter: float = num(0.4, ge=0)  # colour jitter strength (0 = off)
+    random_erasing: float = num(0.25, ge=0, le=1)  # random erasing probability
+    mixup: float = num(0.8, ge=0)  # mixup Beta alpha (0 = off)
+    cutmix: float = num(1.0, ge=0)  # cutmix Beta alpha (0 = off)
+    mixup_prob: float = num(1.0, ge=0, le=1)  # probability of applying mixup or cutmix to a batch
+    mixup_switch_prob: float = num(0.5, ge=0, le=1)  # probability of cutmix instead of mixup when both are on
+    label_smoothing: float = num(0.1, ge=0, lt=1)  # label smoothing of the (mixed) targets
+    repeated_aug: int = num(3, ge=0)  # repeats per sample (timm RepeatAugSampler); 0 or 1 = off
 
 
 @dataclass
 class OptimConfig:
-    """AdamW; the LR is ``lr * global_batch / lr_batch_ref``; warm-up then cosine, per iteration."""
+    """AdamW; the LR is ``lr * global_batch / lr_batch_ref``; warm-up then cosine, per iteration. No weight
+    decay on 1-D tensors, biases and the parameters a module names in its ``no_weight_decay()``."""
 
-    lr: float = 5e-4  # base learning rate (per lr_batch_ref images when scale_lr)
-    lr_batch_ref: int = 512  # reference global batch of the LR scaling rule
+    lr: float = num(5e-4, gt=0)  # base learning rate (per lr_batch_ref images when scale_lr)
+    lr_batch_ref: int = num(512, ge=1)  # reference global batch of the LR scaling rule
     scale_lr: bool = True  # peak LR = lr * global batch / lr_batch_ref
-    weight_decay: float = 0.05  # AdamW weight decay (not on 1-D tensors, biases or no_decay_names)
-    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    eps: float = 1e-8  # AdamW eps
-    warmup_epochs: float = 20.0  # linear warm-up length in epochs (fractions allowed), then cosine per step
-    warmup_lr: float = 5e-7  # LR at the first warm-up step
-    min_lr: float = 5e-6  # LR at the end of the cosine
-    clip_grad: float = 10.0  # gradient-norm clipping (0 = off)
-    no_decay_names: list = field(  # parameter-name substrings kept out of weight decay
-        default_factory=lambda: ["A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed"]
-    )
+    weight_decay: float = num(0.05, ge=0)  # AdamW weight decay
+    betas: list = num([0.9, 0.999], ge=0, lt=1)  # AdamW betas
+    eps: float = num(1e-8, gt=0)  # AdamW eps
+    warmup_epochs: float = num(20.0, ge=0)  # linear warm-up length in epochs (fractions allowed), then cosine per step
+    warmup_lr: float = num(5e-7, ge=0)  # LR at the first warm-up step
+    min_lr: float = num(5e-6, ge=0)  # LR at the end of the cosine
+    clip_grad: float = num(10.0, ge=0)  # gradient-norm clipping (0 = off)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 300  # passes over the training data (with max_steps, whichever ends first)
-    batch_size: int = 512  # global: micro_batch_size * world_size * gradient accumulation
-    micro_batch_size: int = 0  # per process; 0 = batch_size / world_size (no accumulation)
-    max_steps: int = 0  # stop after N optimiser steps (0 = epochs decide): fixed-budget runs
-    stop_after: int = 0  # checkpoint and exit after global step N, schedule unchanged (time-sliced jobs)
-    drop_path_min: float = 0.1  # drop-path rate of the first epoch
-    drop_path_max: float = 0.7  # drop-path rate of the last epoch (the paper's rising schedule)
-    drop_path_schedule: str = "linear"  # "linear" (rising per epoch, the paper) | "constant" (= max)
-    ema_decay: float = 0.9999  # 0 = no EMA
-    seed: int = 0  # seed of the model init, the data order and every step's augmentation
+    epochs: int = num(300, ge=1)  # passes over the training data (with max_steps, whichever ends first)
+    batch_size: int = num(512, ge=1)  # global: micro_batch_size * world_size * gradient accumulation
+    micro_batch_size: int = num(0, ge=0)  # per process; 0 = batch_size / world_size (no accumulation)
+    max_steps: int = num(0, ge=0)  # stop after N optimiser steps (0 = epochs decide): fixed-budget runs
+    stop_after: int = num(0, ge=0)  # checkpoint and exit after global step N, schedule unchanged (time-sliced jobs)
+    drop_path_min: float = num(0.1, ge=0, lt=1)  # drop-path rate of the first epoch
+    drop_path_max: float = num(0.7, ge=0, lt=1)  # drop-path rate of the last epoch (the paper's rising schedule)
+    drop_path_schedule: str = choice("linear", "linear", "constant")  # "linear" (rising per epoch) | "constant" (= max)
+    ema_decay: float = num(0.9999, ge=0, lt=1)  # 0 = no EMA
+    seed: int = num(0, ge=0)  # seed of the model init, the data order and every step's augmentation
     deepspeed: str = "zero2"  # a name in configs/deepspeed/ or a path to a JSON file
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    cpu_threads: int = 0  # torch intra-op threads (0 = torch's default); 1 is fastest on a busy CPU
-    checkpoint_every: int = 0  # optimiser steps between checkpoints (0 = only at epoch ends)
-    keep_checkpoints: int = 2  # checkpoints kept on disk (oldest removed)
-    eval_every: int = 1  # epochs between validation passes (0 = only at the end)
-    eval_batch_size: int = 256  # batch size of the validation passes
-    log_every: int = 10  # steps between log lines when the progress bar is off
+    precision: str = choice("auto", *PRECISIONS)  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    cpu_threads: int = num(0, ge=0)  # torch intra-op threads (0 = torch's default); 1 is fastest on a busy CPU
+    checkpoint_every: int = num(0, ge=0)  # optimiser steps between checkpoints (0 = only at epoch ends)
+    keep_checkpoints: int = num(2, ge=0)  # checkpoints kept on disk, oldest removed (0 = all)
+    eval_every: int = num(1, ge=0)  # epochs between validation passes (0 = only at the end)
+    eval_batch_size: int = num(256, ge=1)  # batch size of the validation passes
+    log_every: int = num(10, ge=1)  # steps between log lines when the progress bar is off
     output_dir: str = "runs/classification"  # run directory: config, checkpoints, logs, metrics, exported model
     tensorboard: bool = True  # write TensorBoard scalars under output_dir/tensorboard
     progress: bool = True  # show a progress bar (loss, LR, throughput, ETA)
-@dataclass
-class ClassificationRunConfig:
-    stage: str = "classification"  # the stage this file configures (checked against the command)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def rules(self) -> list[tuple[bool, str]]:
+        return [(self.drop_path_min <= self.drop_path_max, "need train.drop_path_min <= train.drop_path_max")]
+
+
+class RunConfig:
+    """What every stage's run config (a dataclass with ``stage, model, data, [augment], optim, train``)
+    shares: ``validate()`` checks every field against its declared range or options and every section's
+    ``rules()`` (the run config's own: its cross-field checks). ``moved``: keys of the old layout ->
+    their new key (a message naming it instead of 'unknown key')."""
+
+    moved: ClassVar[dict[str, str]] = {}
 
     def validate(self) -> None:
-        t, d, a = self.train, self.data, self.augment
-        checks = [
-            (t.batch_size > 0, "train.batch_size must be positive"),
-            (t.epochs > 0, "train.epochs must be positive"),
-            (
-                0 <= t.drop_path_min <= t.drop_path_max < 1,
-                "need 0 <= train.drop_path_min <= train.drop_path_max < 1",
-            ),
-            (
-                t.drop_path_schedule in ("linear", "constant"),
-                "train.drop_path_schedule must be 'linear' or 'constant'",
-            ),
-            (0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
-            (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
-            (d.on_corrupt in ("skip", "fail"), "data.on_corrupt must be 'skip' or 'fail'"),
-            (
-                d.source in ("auto", "fashion_mnist", "imagefolder", "hf"),
-                "data.source must be auto, fashion_mnist, imagefolder or hf",
-            ),
-            (d.in_chans in (1, 3), "data.in_chans must be 1 or 3"),
-            (
-                self.model.aux_loss in ("pooled", "token", "none"),
-                "model.aux_loss must be pooled, token or none",
-            ),
-            (0 <= a.label_smoothing < 1, "augment.label_smoothing must be in [0, 1)"),
-            (self.optim.min_lr >= 0 and self.optim.lr > 0, "optim.lr must be positive, optim.min_lr >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_fields(self)
+
+    def rules(self) -> list[tuple[bool, str]]:
+        return []
 
 
-# stage -> its run-config dataclass, or "module:Class" under defocus_vlm.training (imported lazily, so
-# stage modules can import this file). Every run config has ``optim: OptimConfig``, ``train: TrainConfig``
-# and a ``validate()`` method.
-STAGE_CONFIGS: dict[str, type | str] = {"classification": ClassificationRunConfig,
-                                        "instruct": "instruct:InstructRunConfig",
-                                        "clip": "clip:ClipRunConfig"}
-
-
-def stage_config_class(stage: str) -> type:
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"unknown stage {stage!r}; known: {', '.join(STAGE_CONFIGS)}")
-    entry = STAGE_CONFIGS[stage]
-    if isinstance(entry, str):
-        import importlib
-
-        module, name = entry.split(":")
-        entry = getattr(importlib.import_module(f"defocus_vlm.training.{module}"), name)
-    return entry
+# keys of the old layout that no stage reads any more (moved keys are in each run config's ``moved``)
+REMOVED: dict[str, str] = {
+    "optim.no_decay_names": "modules name the parameters that skip weight decay (their no_weight_decay())",
+}
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
@@ -286,22 +256,80 @@ def resolve_config_path(path: str | os.PathLike, stage: str) -> Path:
     raise FileNotFoundError(f"config file not found: {path} (also looked in {CONFIG_ROOT / stage})")
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s keys: mappings merge key by key, any other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if both else value
+    return out
+
+
+def _check_stage(raw: dict, stage: str, where: str = "config") -> None:
+    if raw.get("stage", stage) != stage:
+        raise ConfigError(f"{where} is for stage {raw['stage']!r}, not {stage!r}")
+
+
+def _find_base(name: str, child: Path, stage: str) -> Path:
+    """``base:`` of ``child``: a file relative to ``child``, or a packaged config name of the stage."""
+    for folder in (child.parent, CONFIG_ROOT / stage):
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(f"{child}: base {name!r} not found (looked beside it and in {CONFIG_ROOT / stage})")
+
+
+def read_config_file(path: str | os.PathLike, stage: str, chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping a YAML file describes: the file named by its ``base:`` key, read the same way, with the
+    file's own keys deep-merged on top. ``chain``: the files that inherit from this one (for cycles)."""
+    path = Path(path).resolve()
+    if path in chain:
+        raise ConfigError("config files inherit in a cycle: " + " -> ".join(str(p) for p in (*chain, path)))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    _check_stage(raw, stage, str(path))
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name one file, got {base!r}")
+    return deep_merge(read_config_file(_find_base(base, path, stage), stage, (*chain, path)), raw)
+
+
+def _leaf_keys(raw: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        keys += _leaf_keys(value, full + ".") if isinstance(value, dict) and value else [full]
+    return keys
+
+
+def refuse_old_keys(raw: dict, moved: dict[str, str]) -> None:
+    """One line naming the new key for the first key of the old layout in ``raw`` (``moved``: old key ->
+    new key; a key under an old section moves with it)."""
+    for key in _leaf_keys(raw):
+        for old, reason in REMOVED.items():
+            if key == old or key.startswith(old + "."):
+                raise ConfigError(f"config key {old!r} was removed: {reason}")
+        old = max((o for o in moved if key == o or key.startswith(o + ".")), key=len, default=None)
+        if old is not None:
+            raise ConfigError(f"config key {key!r} is now {moved[old] + key[len(old):]!r}")
+
+
 def load_config(
     path: str | os.PathLike | None, overrides: list[str] | None = None, stage: str = "classification"
 ) -> Any:
-    config_class = stage_config_class(stage)
-    raw: dict = {}
-    if path is not None:
-        p = resolve_config_path(path, stage)
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
+    from . import get_stage
+
+    config_class = get_stage(stage).config_class()
+    raw = read_config_file(resolve_config_path(path, stage), stage) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
-    if raw.get("stage", stage) != stage:
-        raise ConfigError(f"config is for stage {raw['stage']!r}, not {stage!r}")
+    _check_stage(raw, stage)
+    refuse_old_keys(raw, config_class.moved)
     cfg = _build(config_class, raw, "")
     cfg.validate()
     return cfg

@@ -17,11 +17,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from defocus_vlm import compat
+from defocus_vlm.configuration_vlm import FEATURE_SELECTS, PROJECTOR_TYPES
 from defocus_vlm.data.llava import (
     IGNORE_INDEX,
     LLAVA_IMAGE_TOKEN,
@@ -33,27 +35,16 @@ from defocus_vlm.data.llava import (
     resolve_images,
 )
 
-from .config import ConfigError, OptimConfig, TrainConfig
+from .config import ConfigError, OptimConfig, RunConfig, TrainConfig, VisionTowerConfig
 from .engine import all_reduce_sum
+from .export import export_model
+from .fields import choice, num
 from .loop import StageTask, StepContext, run_stage
+from .towers import is_export, load_encoder, tower_config
 
 TUNE_MODES = ("projector", "finetune")
 CHAR_TOKENIZER = "char"
 WORD_TOKENIZER = "words"
-
-
-@dataclass
-class VisionTowerConfig:
-    """source: a preset name (random init; ``img_size``, ``patch_size`` and ``overrides`` apply) or a
-    directory with a DefocusVisionModel (a stage-1 classifier export, an image tower extracted from
-    a CLIP model, or a VLM directory whose encoder is taken; its own config applies).
-    freeze: keep the encoder frozen in ``finetune``."""
-
-    source: str = "defocus_mamba_tiny"
-    img_size: int = 224  # input resolution of a preset tower
-    patch_size: int = 16  # patch side of a preset tower
-    overrides: dict = field(default_factory=dict)  # preset fields to change (embed_dim, depth, ...)
-    freeze: bool = True
 
 
 @dataclass
@@ -74,9 +65,9 @@ class LanguageModelConfig:
 class LoraSettings:
     """LoRA on the language model (peft); r = 0 trains it fully."""
 
-    r: int = 0  # LoRA rank (0 = train the language model fully)
-    alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
-    dropout: float = 0.05  # dropout on the LoRA input
+    r: int = num(0, ge=0)  # LoRA rank (0 = train the language model fully)
+    alpha: float = num(16.0, gt=0)  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = num(0.05, ge=0, lt=1)  # dropout on the LoRA input
     target_modules: list = field(  # module names that get LoRA adapters
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -84,12 +75,12 @@ class LoraSettings:
 
 @dataclass
 class InstructModelConfig:
-    tune: str = "finetune"  # "projector" | "finetune"
+    tune: str = choice("finetune", *TUNE_MODES)  # "projector" | "finetune"
     init_from: str | None = None  # an existing VLM directory (vision / llm / projector settings are then ignored)
-    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    vision: VisionTowerConfig = field(default_factory=lambda: VisionTowerConfig(freeze=True))
     llm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
-    projector_type: str = "mlp2x_gelu"  # "mlp2x_gelu" (LLaVA-1.5) or "linear"
-    vision_feature_select: str = "all"  # "all" (patches + class token) / "patches" / "cls"
+    projector_type: str = choice("mlp2x_gelu", *PROJECTOR_TYPES)  # "mlp2x_gelu" (LLaVA-1.5) or "linear"
+    vision_feature_select: str = choice("all", *FEATURE_SELECTS)  # "all" (patches + class token) / "patches" / "cls"
     vision_feature_layer: int = -1  # encoder block whose output feeds the projector (-1 = last)
     lora: LoraSettings = field(default_factory=LoraSettings)
     gradient_checkpointing: bool = False  # recompute activations of the encoder and the LLM in backward
@@ -105,16 +96,16 @@ class InstructDataConfig:
     train_json: str = ""  # LLaVA JSON conversations to train on
     eval_json: str = ""  # LLaVA JSON with reference answers, scored (exact match) after training
     image_folder: str = ""  # folder the image paths are relative to (default: images/ beside train_json)
-    max_length: int = 2048  # longest sample in tokens, image tokens included
-    overlong: str = "truncate"  # samples longer than max_length: truncate / drop / error
-    crop_pct: float = 1.0  # whole images by default (LLaVA does not crop)
-    hflip: float = 0.0  # probability of mirroring a training image left-right (only if answers allow)
-    vflip: float = 0.0  # probability of flipping a training image upside down (only if answers allow)
+    max_length: int = num(2048, ge=1)  # longest sample in tokens, image tokens included
+    overlong: str = choice("truncate", *OVERLONG_POLICIES)  # samples longer than max_length: truncate / drop / error
+    crop_pct: float = num(1.0, gt=0, le=1)  # whole images by default (LLaVA does not crop)
+    hflip: float = num(0.0, ge=0, le=1)  # probability of mirroring a training image left-right (only if answers allow)
+    vflip: float = num(0.0, ge=0, le=1)  # probability of flipping a training image upside down (only if answers allow)
     chat_template: str | None = None  # a Jinja template (its text or a file); default: the processor's
-    limit_train: int = 0  # first N conversations only (0 = all)
-    limit_eval: int = 0  # score only the first N evaluation questions (0 = all)
-    max_new_tokens: int = 16  # generation length when scoring
-    num_workers: int = 0  # DataLoader worker processes
+    limit_train: int = num(0, ge=0)  # first N conversations only (0 = all)
+    limit_eval: int = num(0, ge=0)  # score only the first N evaluation questions (0 = all)
+    max_new_tokens: int = num(16, ge=1)  # generation length when scoring
+    num_workers: int = num(0, ge=0)  # DataLoader worker processes
 
 
 def _instruct_optim() -> OptimConfig:
@@ -128,40 +119,30 @@ def _instruct_train() -> TrainConfig:
 
 
 @dataclass
-class InstructRunConfig:
+class InstructRunConfig(RunConfig):
     stage: str = "instruct"  # the stage this file configures (checked against the command)
     model: InstructModelConfig = field(default_factory=InstructModelConfig)
     data: InstructDataConfig = field(default_factory=InstructDataConfig)
     optim: OptimConfig = field(default_factory=_instruct_optim)
     train: TrainConfig = field(default_factory=_instruct_train)
 
-    def validate(self) -> None:
-        m, d, t = self.model, self.data, self.train
-        checks = [
-            (m.tune in TUNE_MODES, f"model.tune must be one of {TUNE_MODES}, got {m.tune!r}"),
-            (m.lora.r >= 0, "model.lora.r must be >= 0 (0 = no LoRA)"),
+    moved: ClassVar[dict[str, str]] = {"model.vision.img_size": "model.vision.overrides.img_size",
+                                       "model.vision.patch_size": "model.vision.overrides.patch_size"}
+
+    def rules(self) -> list[tuple[bool, str]]:
+        m, t = self.model, self.train
+        return [
             (m.lora.r == 0 or m.tune == "finetune", "model.lora needs model.tune: finetune (projector mode trains "
                                                     "the projector only)"),
             (m.lora.r == 0 or bool(m.lora.target_modules), "model.lora.target_modules is empty"),
-            (0 <= m.lora.dropout < 1, "model.lora.dropout must be in [0, 1)"),
             (bool(m.init_from) or bool(m.llm.name) != bool(m.llm.config),
              "give exactly one of model.llm.name and model.llm.config (or model.init_from)"),
             (bool(m.init_from) or bool(m.llm.name) or bool(m.llm.tokenizer),
              "model.llm.config needs model.llm.tokenizer (a path/name, or 'char')"),
-            (bool(d.train_json), "data.train_json is required (a LLaVA JSON file)"),
-            (d.overlong in OVERLONG_POLICIES, f"data.overlong must be one of {OVERLONG_POLICIES}"),
-            (d.max_length > 0 and d.max_new_tokens > 0, "data.max_length and data.max_new_tokens must be positive"),
-            (0 < d.crop_pct <= 1, "data.crop_pct must be in (0, 1]"),
-            (0 <= d.hflip <= 1 and 0 <= d.vflip <= 1, "data.hflip and data.vflip are probabilities in [0, 1]"),
-            (t.batch_size > 0 and t.epochs > 0, "train.batch_size and train.epochs must be positive"),
+            (bool(self.data.train_json), "data.train_json is required (a LLaVA JSON file)"),
             (t.ema_decay == 0, "train.ema_decay must be 0 for instruction tuning (no EMA of a language model)"),
             (t.drop_path_max == 0, "train.drop_path_min/max must be 0: the encoder's drop path is not used here"),
-            (t.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
-            (self.optim.lr > 0 and self.optim.min_lr >= 0, "optim.lr must be positive, optim.min_lr >= 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
 
 
 # --------------------------------------------------------------------------- model parts
@@ -189,27 +170,8 @@ def load_tokenizer(spec: str, train_json: str | None = None):
 
 
 def vision_tower(v: VisionTowerConfig):
-    """A DefocusVisionModel (from a directory: a vision model or classifier, or a VLM's encoder) or a
-    DefocusVisionConfig (from a preset)."""
-    import json
-
-    from defocus_vlm import DefocusVisionConfig, DefocusVisionModel
-
-    source = Path(v.source)
-    if source.is_dir():
-        if not (source / "config.json").is_file():
-            raise FileNotFoundError(f"model.vision.source {source} has no config.json (expected a De-focus "
-                                    "vision model, classifier or VLM directory)")
-        if json.loads((source / "config.json").read_text()).get("model_type") == "defocus_vlm":
-            from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration
-
-            return DefocusVLMForConditionalGeneration.from_pretrained(source).vision_tower
-        return DefocusVisionModel.from_pretrained(source)
-    try:
-        return DefocusVisionConfig.from_preset(v.source, img_size=v.img_size, patch_size=v.patch_size, num_labels=0,
-                                               **v.overrides)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ConfigError(f"model.vision: {err}") from err
+    """A DefocusVisionModel (an export's encoder) or a DefocusVisionConfig (a preset)."""
+    return load_encoder(v) if is_export(v) else tower_config(v, num_labels=0)
 
 
 def saved_normalisation(source: str) -> tuple[list | None, list | None]:
@@ -467,7 +429,7 @@ class InstructTask(StageTask):
         return f"eval exact match {raw['exact_match']:.2f} % ({raw['samples']} questions), loss {raw['loss']:.4f}"
 
     # ---- export
-    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> Path:
+    def export(self, state: dict, out_dir: Path) -> None:
         from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration
 
         base = DefocusVLMForConditionalGeneration(self.model_config)
@@ -475,11 +437,9 @@ class InstructTask(StageTask):
         if self.cfg.model.lora.r:
             from .lora import export_lora
 
-            return export_lora(self.peft_model, state, base, self.processor, out_dir)
-        base.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
-        base.eval().save_pretrained(out_dir, safe_serialization=True)
-        self.processor.save_pretrained(out_dir)
-        return out_dir
+            export_lora(self.peft_model, state, base, self.processor, out_dir)
+        else:
+            export_model(base, state, self.processor, out_dir)
 
 
 def run(cfg: InstructRunConfig, resume: bool = False) -> dict:

@@ -1,7 +1,8 @@
 """The training loop every stage shares (classification, clip, instruct).
 
 A stage is a :class:`StageTask`: it builds its data and model, computes the loss of a batch,
-evaluates and exports. :func:`run_stage` owns everything else, once for all stages: processes and
+evaluates and exports, and says what the loop needs from it (sampler repeats, workers). :class:`Run`
+(``run_stage``) owns everything else, once for all stages: processes and
 threads, the run directory, the DeepSpeed engine (ZeRO from the config), the optimiser with the
 paper's parameter groups, warm-up + cosine LR per step, the rising drop-path schedule, gradient
 accumulation, per-step seeding (so resumed runs are exact), EMA, atomic checkpoints with a
@@ -66,7 +67,8 @@ class StepContext:
 
 
 class StageTask:
-    """Hooks one stage supplies to :func:`run_stage`. ``self.cfg`` is the stage's run config."""
+    """What one stage supplies to the shared loop (:class:`Run`). ``self.cfg`` is the stage's run config
+    (``stage, model, data, [augment], optim, train``)."""
 
     name = "stage"
     shuffle = True
@@ -77,6 +79,15 @@ class StageTask:
         # integer counters (summed over processes by the stage), logged every step, kept across resumes
         self.counters: dict[str, int] = {}
 
+    # ---- what the loop needs to know
+    def sampler_repeats(self) -> int:
+        """Copies of each sample per epoch (timm's repeated augmentation; 0 or 1 = off)."""
+        return 0
+
+    def num_workers(self) -> int:
+        """DataLoader worker processes (training and evaluation)."""
+        return self.cfg.data.num_workers
+
     # ---- data and model
     def build_data(self) -> Dataset:
         """Open and validate the data (before any training); return the training dataset."""
@@ -84,9 +95,6 @@ class StageTask:
 
     def collate_fn(self):
         return None  # torch's default collate
-
-    def num_workers(self) -> int:
-        return int(getattr(getattr(self.cfg, "data", None), "num_workers", 0))
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -120,165 +128,213 @@ class StageTask:
     def summary_line(self, metrics: dict) -> str:
         return json.dumps(metrics)
 
-    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> Path | None:
-        """Write the final model (process 0). ``state``: the raw weights; ``ema_state``: the EMA's."""
-        return None
+    def export(self, state: dict, out_dir: Path) -> None:
+        """Write the model with weights ``state`` as a Hugging Face directory (process 0)."""
+        raise NotImplementedError
+
+
+class Run:
+    """One training run of a task: ``__init__`` sets everything up (processes, run directory, data,
+    schedule, engine, EMA, resumed state), :meth:`train` runs :meth:`epoch` until the step budget is
+    spent, then :meth:`finish` evaluates, exports and writes the metrics."""
+
+    def __init__(self, task: StageTask, cfg: Any, resume: bool = False):
+        self.task, self.cfg, self.t, self.o = task, cfg, cfg.train, cfg.optim
+        if self.t.cpu_threads:
+            torch.set_num_threads(self.t.cpu_threads)
+        self.rank, self.world = task.rank, task.world = init_distributed()
+        self.is_main = self.rank == 0
+        self.run_dir = Path(self.t.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self._open_run_dir(resume)
+        self.train_ds = task.build_data()  # validated before anything is trained
+        self._plan_steps()
+        self._build_engine()
+        self.epoch, self.step_in_epoch, self.global_step, self.losses = 0, 0, 0, []
+        if resume:
+            self._restore()
+        self.logger = RunLogger(self.run_dir, self.total_steps, self.global_step, self.is_main, self.t.tensorboard,
+                                self.t.progress)
+        self.logger.write(
+            f"{task.describe(self.model)} | {self.world} process(es), ZeRO-{self.zero}, "
+            f"{'bf16' if self.bf16 else 'fp32'}, global batch {self.t.batch_size} = {self.micro} x {self.world} x "
+            f"{self.accum} | peak LR {self.peak_lr:.3g}, {self.total_steps} steps, warm-up {self.warmup_steps}")
+        self.ctx = StepContext(self.global_step, self.epoch, 0.0, self.accum, self.rank, self.world,
+                               self.engine.device, torch.bfloat16 if self.bf16 else torch.float32, self.t.seed)
+        self.eval_copy = copy.deepcopy(self.engine.module) if self.ema is not None else None
+        self.metrics: dict = {}
+
+    # ---- set-up
+    def _open_run_dir(self, resume: bool) -> None:
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume and ckpt.latest_tag(self.ckpt_dir) is not None:
+                raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --resume to continue, or choose "
+                                  "another train.output_dir")
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        barrier()
+
+    def _plan_steps(self) -> None:
+        """Batch layout, sampler, step budget and the LR schedule's constants."""
+        t, o = self.t, self.o
+        self.micro, self.accum = batch_layout(t.batch_size, t.micro_batch_size, self.world)
+        self.sampler = EpochSampler(len(self.train_ds), self.world, self.rank, shuffle=self.task.shuffle,
+                                    seed=t.seed, repeats=self.task.sampler_repeats())
+        self.steps_per_epoch = len(self.sampler.indices()) // (self.micro * self.accum)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.train_ds)} training samples are fewer than one global batch ({t.batch_size})")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        self.peak_lr = scaled_lr(o.lr, t.batch_size, o.lr_batch_ref) if o.scale_lr else o.lr
+        self.warmup_steps = min(int(round(o.warmup_epochs * self.steps_per_epoch)), max(0, self.total_steps - 1))
+
+    def _build_engine(self) -> None:
+        t = self.t
+        torch.manual_seed(t.seed)
+        self.model = self.task.build_model()
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ConfigError(f"{self.task.name}: every parameter is frozen; nothing to train")
+        self.bf16 = use_bf16(t.precision)
+        self.optimizer = build_optimizer(self.model, self.o, self.peak_lr)
+        ds_config = deepspeed_config(t.deepspeed, t.batch_size, self.micro, self.accum, self.o.clip_grad, self.bf16)
+        self.engine = build_engine(self.model, self.optimizer, ds_config)
+        self.zero = zero_stage(self.engine)
+        if self.zero == 3 and t.ema_decay > 0:
+            raise ConfigError("EMA needs full weights on every process: use ZeRO stage 0-2, or train.ema_decay=0")
+        self.ema = ModelEMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
+
+    def _restore(self) -> None:
+        """The position, losses, stage counters and EMA of the latest checkpoint, if there is one."""
+        state = ckpt.load(self.engine, self.ckpt_dir)
+        if state is None:
+            if self.is_main:
+                print(f"no checkpoint under {self.ckpt_dir}; starting from scratch", flush=True)
+            return
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.losses = list(state["losses"])
+        self.task.counters.update(state.get("extra", {}))
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    # ---- training
+    @property
+    def finished(self) -> bool:
+        return self.global_step >= self.total_steps
+
+    def train(self) -> dict:
+        """Train to the end of the budget (or to train.stop_after); the run's summary."""
+        self.start_time = time.time()
+        self.engine.train()
+        while not self.finished and self.epoch < self.t.epochs:
+            if not self.train_epoch():
+                return self.stop()
+        return self.finish()
+
+    def train_epoch(self) -> bool:
+        """Train from the current position to the end of the epoch (or of the budget), checkpoint and
+        evaluate as configured. False when train.stop_after stopped the run inside it."""
+        t = self.t
+        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.micro * self.accum)
+        batches = iter(DataLoader(self.train_ds, batch_size=self.micro, sampler=self.sampler, drop_last=True,
+                                  num_workers=self.task.num_workers(), collate_fn=self.task.collate_fn()))
+        self.ctx.epoch = self.epoch
+        self.ctx.drop_path = drop_path_at(self.epoch, t.epochs, t.drop_path_min, t.drop_path_max,
+                                          t.drop_path_schedule)
+        for step in range(self.step_in_epoch, self.steps_per_epoch):
+            self.step([next(batches) for _ in range(self.accum)])
+            if self.finished:
+                break
+            last_in_epoch = step + 1 == self.steps_per_epoch
+            # where a resumed run continues: the next step, or the next epoch's start
+            position = (self.epoch + 1, 0) if last_in_epoch else (self.epoch, step + 1)
+            if t.stop_after and self.global_step == t.stop_after:
+                self.save(*position)
+                self.logger.write(f"stopped after step {self.global_step} (train.stop_after); continue with --resume")
+                return False
+            if t.checkpoint_every and self.global_step % t.checkpoint_every == 0 and not last_in_epoch:
+                self.save(*position)
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.save(self.epoch, 0)
+        if self.finished or (t.eval_every and self.epoch % t.eval_every == 0):
+            self.evaluate()
+        return True
+
+    def step(self, batches: list) -> None:
+        """One optimiser step on ``batches`` (one per accumulated micro batch), then EMA and logging."""
+        lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr, self.o.warmup_lr,
+                   self.o.min_lr)
+        set_lr(self.optimizer, lr)
+        self.ctx.global_step = self.global_step
+        loss = all_reduce_mean(self.task.train_step(self.engine, batches, self.ctx))
+        self.global_step += 1
+        self.losses.append(loss)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.global_step}; lower optim.lr or check the data")
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
+        scalars = {"loss": loss, "lr": lr, "drop_path": self.ctx.drop_path, "epoch": self.epoch}
+        self.logger.step(self.global_step, {**scalars, **self.task.counters}, self.t.batch_size)
+
+    def save(self, next_epoch: int, next_step: int) -> None:
+        """A checkpoint from which a resumed run continues at (``next_epoch``, ``next_step``)."""
+        state = {"epoch": next_epoch, "step_in_epoch": next_step, "global_step": self.global_step,
+                 "losses": self.losses, "extra": self.task.counters, "total_steps": self.total_steps,
+                 "ema": self.ema.state_dict() if self.ema is not None else None}
+        ckpt.save(self.engine, self.ckpt_dir, self.global_step, state, self.t.keep_checkpoints)
+
+    def evaluate(self) -> None:
+        """Metrics of the raw weights (and of the EMA's), logged; ``self.metrics`` = {} for a task without."""
+        raw = self.task.evaluate(self.engine.module, self.ctx)
+        self.metrics = {"raw": raw} if raw else {}
+        if raw and self.ema is not None:
+            self.ema.copy_to(self.eval_copy)
+            self.metrics["ema"] = self.task.evaluate(self.eval_copy, self.ctx)
+        for name, values in self.metrics.items():
+            self.logger.scalars("val" if name == "raw" else f"val_{name}", self.global_step,
+                                {"epoch": self.epoch, **values})
+        if self.metrics:
+            self.logger.write(f"epoch {self.epoch}: {self.task.summary_line(self.metrics)}")
+
+    # ---- the end
+    def summary(self) -> dict:
+        return {"steps": self.global_step, "losses": self.losses, "world_size": self.world, "zero_stage": self.zero}
+
+    def stop(self) -> dict:
+        """The summary of a run stopped by train.stop_after (its checkpoint is written)."""
+        self.logger.close()
+        barrier()
+        return {**self.summary(), "interrupted": True}
+
+    def finish(self) -> dict:
+        """Evaluate (unless the last epoch did), export (main directory: the EMA weights when kept, raw
+        weights in raw/), plot and write metrics.json / losses.json; the summary."""
+        if not self.metrics:
+            self.evaluate()
+        wall = time.time() - self.start_time
+        self.logger.close()
+        export_dir = self.run_dir / "model"
+        state = full_state_dict(self.engine)  # every process takes part (ZeRO-3 gathers the partitions)
+        if self.is_main:
+            if self.ema is not None:
+                self.task.export({**state, **self.ema.state_dict()}, export_dir)
+                self.task.export(state, export_dir / "raw")
+            else:
+                self.task.export(state, export_dir)
+            plot_curve(self.run_dir / "history.jsonl", self.run_dir / "training_curve.png", self.task.curve_metric)
+        summary = {**self.summary(), "val": self.metrics, "wall_s": round(wall, 2), **self.task.counters,
+                   "export": str(export_dir)}
+        if self.is_main:
+            metrics = {k: v for k, v in summary.items() if k != "losses"}
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            (self.run_dir / "losses.json").write_text(json.dumps(self.losses) + "\n")
+        barrier()
+        return summary
 
 
 def run_stage(task: StageTask, cfg: Any, resume: bool = False) -> dict:
     """Train ``task`` as configured by ``cfg``; returns a summary (with per-step ``losses``)."""
-    t = cfg.train
-    if t.cpu_threads:
-        torch.set_num_threads(t.cpu_threads)
-    rank, world = init_distributed()
-    task.rank, task.world = rank, world
-    is_main = rank == 0
-    run_dir = Path(t.output_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and ckpt.latest_tag(ckpt_dir) is not None:
-            raise ConfigError(
-                f"{run_dir} already holds checkpoints; pass --resume to continue, or choose another train.output_dir"
-            )
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    barrier()
-
-    train_ds = task.build_data()  # validated before anything is trained
-    micro, accum = batch_layout(t.batch_size, t.micro_batch_size, world)
-    repeats = int(getattr(getattr(cfg, "augment", None), "repeated_aug", 0))
-    sampler = EpochSampler(len(train_ds), world, rank, shuffle=task.shuffle, seed=t.seed, repeats=repeats)
-    steps_per_epoch = len(sampler.indices()) // (micro * accum)
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train_ds)} training samples are fewer than one global batch ({t.batch_size})")
-    total_steps = t.epochs * steps_per_epoch
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
-    o = cfg.optim
-    peak_lr = scaled_lr(o.lr, t.batch_size, o.lr_batch_ref) if o.scale_lr else o.lr
-    warmup_steps = min(int(round(o.warmup_epochs * steps_per_epoch)), max(0, total_steps - 1))
-
-    torch.manual_seed(t.seed)
-    model = task.build_model()
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError(f"{task.name}: every parameter is frozen; nothing to train")
-    bf16 = use_bf16(t.precision)
-    optimizer = build_optimizer(model, o, peak_lr)
-    ds_config = deepspeed_config(t.deepspeed, t.batch_size, micro, accum, o.clip_grad, bf16)
-    engine = build_engine(model, optimizer, ds_config)
-    stage = zero_stage(engine)
-    if stage == 3 and t.ema_decay > 0:
-        raise ConfigError("EMA needs full weights on every process: use ZeRO stage 0-2, or train.ema_decay=0")
-    ema = ModelEMA(engine.module, t.ema_decay) if t.ema_decay > 0 else None
-
-    epoch, step_in_epoch, global_step, losses = 0, 0, 0, []
-    extra = task.counters  # stage counters kept across resumes (e.g. skipped images)
-    if resume:
-        state = ckpt.load(engine, ckpt_dir)
-        if state is None:
-            if is_main:
-                print(f"no checkpoint under {ckpt_dir}; starting from scratch", flush=True)
-        else:
-            epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-            losses = list(state["losses"])
-            extra.update(state.get("extra", {}))
-            if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
-
-    logger = RunLogger(run_dir, total_steps, global_step, is_main, t.tensorboard, t.progress)
-    logger.write(
-        f"{task.describe(model)} | {world} process(es), ZeRO-{stage}, {'bf16' if bf16 else 'fp32'}, global batch "
-        f"{t.batch_size} = {micro} x {world} x {accum} | peak LR {peak_lr:.3g}, {total_steps} steps, "
-        f"warm-up {warmup_steps}"
-    )
-    ctx = StepContext(global_step, epoch, 0.0, accum, rank, world, engine.device,
-                      torch.bfloat16 if bf16 else torch.float32, t.seed)
-
-    def save(next_epoch: int, next_step: int) -> None:
-        state = {"epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step, "losses": losses,
-                 "extra": extra, "ema": ema.state_dict() if ema is not None else None, "total_steps": total_steps}
-        ckpt.save(engine, ckpt_dir, global_step, state, t.keep_checkpoints)
-
-    eval_copy = copy.deepcopy(engine.module) if ema is not None else None
-
-    def validate() -> dict:
-        out = {"raw": task.evaluate(engine.module, ctx)}
-        if ema is not None:
-            ema.copy_to(eval_copy)
-            out["ema"] = task.evaluate(eval_copy, ctx)
-        return out if out["raw"] else {}
-
-    start_time, metrics, interrupted = time.time(), {}, False
-    done = global_step >= total_steps
-    engine.train()
-    while not done and epoch < t.epochs:
-        sampler.set_epoch(epoch, start=step_in_epoch * micro * accum)
-        loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, num_workers=task.num_workers(),
-                            drop_last=True, collate_fn=task.collate_fn())
-        batches = iter(loader)
-        ctx.epoch = epoch
-        ctx.drop_path = drop_path_at(epoch, t.epochs, t.drop_path_min, t.drop_path_max, t.drop_path_schedule)
-        for step in range(step_in_epoch, steps_per_epoch):
-            lr = lr_at(global_step, total_steps, warmup_steps, peak_lr, o.warmup_lr, o.min_lr)
-            set_lr(optimizer, lr)
-            ctx.global_step = global_step
-            step_loss = all_reduce_mean(task.train_step(engine, [next(batches) for _ in range(accum)], ctx))
-            global_step += 1
-            losses.append(step_loss)
-            if not np.isfinite(step_loss):
-                raise FloatingPointError(f"loss is {step_loss} at step {global_step}; lower optim.lr or check the data")
-            if ema is not None:
-                ema.update(engine.module)
-            scalars = {"loss": step_loss, "lr": lr, "drop_path": ctx.drop_path, "epoch": epoch}
-            logger.step(global_step, {**scalars, **extra}, t.batch_size)
-            last_in_epoch = step + 1 == steps_per_epoch
-            done = global_step >= total_steps
-            if t.checkpoint_every and global_step % t.checkpoint_every == 0 and not last_in_epoch and not done:
-                save(epoch, step + 1)
-            if t.stop_after and global_step == t.stop_after and not done:
-                if last_in_epoch:
-                    save(epoch + 1, 0)
-                else:
-                    save(epoch, step + 1)
-                logger.write(f"stopped after step {global_step} (train.stop_after); continue with --resume")
-                interrupted = True
-                break
-            if done:
-                break
-        if interrupted:
-            break
-        epoch, step_in_epoch = epoch + 1, 0
-        save(epoch, 0)
-        if done or (t.eval_every and epoch % t.eval_every == 0):
-            metrics = validate()
-            for name, values in metrics.items():
-                logger.scalars("val" if name == "raw" else f"val_{name}", global_step, {"epoch": epoch, **values})
-            if metrics:
-                logger.write(f"epoch {epoch}: {task.summary_line(metrics)}")
-    summary = {"steps": global_step, "losses": losses, "world_size": world, "zero_stage": stage}
-    if interrupted:
-        logger.close()
-        barrier()
-        return {**summary, "interrupted": True}
-    if not metrics:
-        metrics = validate()
-    wall = time.time() - start_time
-    logger.close()
-
-    export_dir = run_dir / "model"
-    exported = None
-    state = full_state_dict(engine)  # every process takes part (ZeRO-3 gathers the partitions)
-    if is_main:
-        exported = task.export(state, ema.state_dict() if ema is not None else None, export_dir)
-        plot_curve(run_dir / "history.jsonl", run_dir / "training_curve.png", task.curve_metric)
-    summary.update({"val": metrics, "wall_s": round(wall, 2), **extra,
-                    "export": str(exported) if exported is not None else None})
-    if is_main:
-        (run_dir / "metrics.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"},
-                                                         indent=2) + "\n")
-        (run_dir / "losses.json").write_text(json.dumps(losses) + "\n")
-    barrier()
-    return summary
+    return Run(task, cfg, resume).train()
 
 
 def full_state_dict(engine) -> dict | None:

@@ -1,5 +1,7 @@
-"""AdamW with the paper's parameter groups: no weight decay on 1-D tensors, biases, Mamba's
-``A_log``, RoPE frequencies, decay parameters, the class token and position embeddings."""
+"""AdamW with the paper's parameter groups: no weight decay on 1-D tensors, biases, and the parameters
+a module names in its ``no_weight_decay()`` (timm's convention: names relative to that module; the
+encoder declares its class token and position embedding, the Mamba mixer ``A_log`` and its RoPE
+frequencies, the band-pass filter its decay and RoPE frequencies)."""
 
 from __future__ import annotations
 
@@ -7,36 +9,32 @@ import torch
 
 from .config import OptimConfig
 
-DEFAULT_NO_DECAY = ("A_log", "freq", "decay_log", "rope_freq", "cls_token", "pos_embed")
+
+def declared_no_weight_decay(model: torch.nn.Module) -> set[str]:
+    """Full names of the parameters that the modules of ``model`` keep out of weight decay."""
+    names = set()
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "no_weight_decay", None)
+        if callable(declare):
+            names |= {f"{prefix}.{name}" if prefix else name for name in declare()}
+    return names
 
 
-def no_weight_decay(name: str, param: torch.Tensor, names=DEFAULT_NO_DECAY) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in names)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, names=DEFAULT_NO_DECAY) -> list[dict]:
-    decay, no_decay = [], []
-    decay_names, no_decay_names = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """[decay group, no-decay group] of the trainable parameters, each with its parameter ``names``."""
+    skip = declared_no_weight_decay(model)
+    groups = [{"params": [], "weight_decay": weight_decay, "names": []},
+              {"params": [], "weight_decay": 0.0, "names": []}]
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if no_weight_decay(name, p, names):
-            no_decay.append(p)
-            no_decay_names.append(name)
-        else:
-            decay.append(p)
-            decay_names.append(name)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "names": decay_names},
-        {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names},
-    ]
+        if p.requires_grad:
+            group = groups[p.ndim <= 1 or name.endswith(".bias") or name in skip]
+            group["params"].append(p)
+            group["names"].append(name)
+    return groups
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    groups = [
-        {k: v for k, v in g.items() if k != "names"}
-        for g in param_groups(model, cfg.weight_decay, tuple(cfg.no_decay_names))
-    ]
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, cfg.weight_decay)]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
 

@@ -3,7 +3,7 @@
 Runs on a DeepSpeed engine (CPU + gloo, or CUDA + bf16), alone or under ``torchrun`` /
 ``deepspeed``. The config is a YAML file (a path, or a name under the packaged
 configs/<stage>/, e.g. ``tiny_cpu``); ``key=value`` arguments override it
-(``train.epochs=10 model.overrides.depth=6``)."""
+(``train.epochs=10 model.vision.overrides.depth=6``)."""
 
 from __future__ import annotations
 
