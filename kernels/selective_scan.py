@@ -155,7 +155,16 @@ def auto_backend(device: torch.device | str) -> str:
     # at 197-4096 tokens; benchmarks/cpu_selective_scan.json).
     from .selective_scan_cpu import fused_available
 
+    # torch.export / torch.compile trace with fake tensors, which the JIT-built op has no shape rule
+    # for: traced code takes the recurrence, which they can follow.
+    if torch.compiler.is_compiling() or _is_exporting():
+        return "reference"
     return "fused" if fused_available() else "reference"
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.x exposes it; older: never
+    return bool(is_exporting and is_exporting())
 
 
 def _auto_for(u: torch.Tensor):

@@ -15,8 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import build_mixup
-from .classification import ClassificationTask, build_model_config
-from .config import ClassificationRunConfig
+from .classification import ClassificationRunConfig, ClassificationTask, build_model_config
 from .engine import batch_layout, device
 from .loop import StepContext
 
@@ -86,8 +85,8 @@ class SyntheticClassificationTask(ClassificationTask):
     def evaluate(self, model: torch.nn.Module, ctx: StepContext) -> dict:
         return {}  # random labels: nothing to measure
 
-    def export(self, state: dict, ema_state: dict | None, out_dir: Path) -> None:
-        return None
+    def export(self, state: dict, out_dir: Path) -> None:
+        return None  # a throughput run keeps no model
 
     def images_per_second(self, warmup_steps: int) -> float:
         """Steady-state rate over the steps after the first ``warmup_steps`` (compilation, autotuning)."""

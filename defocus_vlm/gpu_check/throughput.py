@@ -55,7 +55,7 @@ class _Memory:
 
 def _overrides(preset: str, zero: str, sizes: dict, out_dir: str, dry: bool) -> list[str]:
     steps = sizes["warmup"] + sizes["timed"]
-    items = [f"model.preset={preset}", f"data.img_size={sizes['img']}", "data.in_chans=3", "data.verify=0",
+    items = [f"model.vision.source={preset}", f"data.img_size={sizes['img']}", "data.in_chans=3", "data.verify=0",
              "augment.mixup=0", "augment.cutmix=0", "augment.label_smoothing=0", "augment.repeated_aug=0",
              f"train.batch_size={sizes['batch']}", f"train.max_steps={steps}", "train.epochs=1",
              "train.ema_decay=0", f"train.deepspeed={zero}", "train.precision=bf16", "train.progress=false",
@@ -64,7 +64,7 @@ def _overrides(preset: str, zero: str, sizes: dict, out_dir: str, dry: bool) -> 
              "train.keep_checkpoints=1", "optim.warmup_epochs=0", "optim.weight_decay=0.05",
              "optim.clip_grad=10.0", f"train.seed={SEED}"]
     if dry:
-        items += [f"model.overrides={DRY_OVERRIDES}", "train.cpu_threads=1"]
+        items += [f"model.vision.overrides={DRY_OVERRIDES}", "train.cpu_threads=1"]
     return items
 
 
