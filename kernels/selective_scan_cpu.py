@@ -125,6 +125,7 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, h0, tile, op):  # noqa: D102 - see fused_selective_scan
         save = any(ctx.needs_input_grad[:8])
+        ctx.set_materialize_grads(False)  # an unused last state gets no zero gradient tensor
         y, last, ckpt = op.fwd(u, delta, A, B, C, D, z, h0, tile, save)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, h0, ckpt)
