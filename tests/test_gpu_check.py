@@ -32,6 +32,10 @@ def dry_run(tmp_path_factory):
     env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, OUT=str(out),
                WORK=str(tmp_path_factory.mktemp("gpu-check-work")))
     env.pop("DEFOCUS_KERNELS", None)
+    # a fresh machine's environment: earlier tests' in-process DeepSpeed runs leave rendezvous variables
+    # (MASTER_PORT ...) that would make the check's own training rows join a process group long gone
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
     start = time.time()
     proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu/run.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
