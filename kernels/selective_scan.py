@@ -28,6 +28,22 @@ import torch.nn.functional as F
 from .dispatch import KernelOp
 
 
+def check_scan_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                      initial_state: torch.Tensor | None = None) -> None:
+    """A ValueError naming the first argument whose shape does not fit the layout above (every backend
+    checks through here)."""
+    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"expected u, delta (B, D, L) and A (D, N), got {tuple(u.shape)}, "
+                         f"{tuple(delta.shape)}, {tuple(A.shape)}")
+    batch, dim, length = u.shape
+    expected = {"B": (batch, A.shape[1], length), "C": (batch, A.shape[1], length), "D": (dim,),
+                "z": tuple(u.shape), "initial_state": (batch, dim, A.shape[1])}
+    for name, tensor in {"B": B, "C": C, "D": D, "z": z, "initial_state": initial_state}.items():
+        if tensor is not None and tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{name} must be {expected[name]}, got {tuple(tensor.shape)}")
+
+
 def _finish(y, u, D, z):
     if D is not None:
         y = y + D[:, None].to(y.dtype) * u
@@ -191,12 +207,7 @@ def selective_scan(
     backend: str = "auto",
 ):
     """Run the selective scan; returns y (B, D, L) and, if asked, the last state (B, D, N)."""
-    if u.dim() != 3 or delta.shape != u.shape or A.shape[0] != u.shape[1]:
-        raise ValueError(f"expected u, delta (B, D, L) and A (D, N), got {tuple(u.shape)}, "
-                         f"{tuple(delta.shape)}, {tuple(A.shape)}")
-    expected = (u.shape[0], A.shape[1], u.shape[2])
-    if tuple(B.shape) != expected or tuple(C.shape) != expected:
-        raise ValueError(f"B and C must be {expected}, got {tuple(B.shape)} and {tuple(C.shape)}")
+    check_scan_shapes(u, delta, A, B, C, D, z, initial_state)
     name = OP.choose(backend, u)
     y, last = BACKENDS[name](u, delta, A, B, C, D, z, initial_state, max_chunk)
     y = y.to(u.dtype)
