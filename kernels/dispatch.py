@@ -1,8 +1,8 @@
 """Backend selection shared by every op: one :class:`KernelOp` per op.
 
 Order of precedence: the explicit ``backend=`` argument, then the ``DEFOCUS_KERNELS``
-environment variable (``"reference"`` for every op, or ``"selective_scan=chunked,retention=recurrent"``),
-then the op's own automatic rule.
+environment variable (``"reference"`` for every op, ``"selective_scan=chunked,retention=recurrent"``, or
+both: ``"reference,retention=recurrent"``, where an op's own entry wins), then the op's automatic rule.
 
 The automatic rule is a function of a few hashable facts about the inputs (device type, whether a
 decay is given, a shape class), so its answer is cached per (op, facts) in a bounded LRU cache that
@@ -18,6 +18,8 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import torch
 
 ENV_VAR = "DEFOCUS_KERNELS"
 BY_ARGUMENT = "argument"
@@ -64,10 +66,13 @@ class KernelOp:
         self.name = name
         self.backends = backends
         self.facts = facts
+        self._rule = rule
         self.rule = functools.lru_cache(maxsize=cache_size)(rule)
 
     def auto(self, *inputs: Any) -> str:
         """The backend the automatic rule picks for these inputs (ignoring ``DEFOCUS_KERNELS``)."""
+        if torch.compiler.is_compiling():  # dynamo traces through an LRU cache anyway (and warns about it)
+            return self._rule(*self.facts(*inputs))
         return self.rule(*self.facts(*inputs))
 
     def choose(self, backend: str, *inputs: Any) -> str:

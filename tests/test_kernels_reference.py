@@ -483,6 +483,24 @@ def test_the_automatic_rule_runs_once_per_kind_of_input():
     assert RET.OP.rule.cache_info().misses == 2
 
 
+def test_dispatch_traces_without_graph_breaks_or_cache_warnings():
+    """Under torch.compile(fullgraph=True) the choice is made in traced code: no graph break, no
+    warning about tracing through the LRU cache, the scan's traceable recurrence, the same result."""
+    import warnings
+
+    def f(q, lam, s):
+        return defocus_attention(q, q, q, lam).sum() + selective_scan(**s).sum()
+
+    q, lam = torch.randn(1, 2, 5, 4), torch.tensor([-0.1, -0.2])
+    s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with record_choices() as choices:
+            compiled = torch.compile(f, fullgraph=True, backend="eager")(q, lam, s)
+    assert choices["selective_scan"] == ("reference", BY_RULE)
+    torch.testing.assert_close(compiled, f(q, lam, s))
+
+
 def test_explicit_backend_beats_env_var(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "selective_scan=reference")
     u = torch.zeros(1, 2, 3)
