@@ -3,7 +3,8 @@ forward+backward, at several lengths and widths. ``encoders``: images/s and memo
 Small preset next to timm's deit_small_patch16_224, plus the streaming step time. ``stream``: the
 VLM's time to first token after an image's last patch, streaming prefill vs one shot. ``gpu``: the
 prepared GPU check (correctness, kernel speed, training throughput, streaming; one JSON and a
-Markdown table; see benchmarks/gpu/README.md), or its CPU dry run with ``--dry-run``."""
+Markdown table; see benchmarks/gpu/README.md), or its CPU dry run with ``--dry-run``. The benchmarks
+themselves live in :mod:`defocus_vlm.bench`, the GPU check in :mod:`defocus_vlm.gpu_check`."""
 
 from __future__ import annotations
 
