@@ -101,3 +101,14 @@ def test_required_output_dir_accepts_either_spelling_and_refuses_both(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--out", "d", "--output-dir", "e"])
     assert not re.search(r"--out(?!put)", parser.format_help())
+
+
+def test_convert_official_takes_output_dir_or_the_old_positional(capsys):
+    from defocus_vlm.cli import main
+
+    parser = LEAVES["convert-official"]
+    assert parser.parse_args(["c.pth", "--output-dir", "d"]).output_dir == "d"
+    assert parser.parse_args(["c.pth", "d"]).positional_output_dir == "d"
+    for argv in (["c.pth"], ["c.pth", "d", "--output-dir", "e"]):
+        assert main(["convert-official", *argv]) == 2
+        assert "give the output directory once" in capsys.readouterr().err
