@@ -18,7 +18,7 @@ from defocus_vlm.encoders.config import EncoderConfig
 from defocus_vlm.encoders.model import DefocusEncoder, init_module
 
 from .configuration_defocus import DefocusVisionConfig
-from .remote_code import write_remote_code
+from .remote_code import RemoteCodeMixin
 
 # transformers' attention implementations -> the vit mixer's attention kernel. "sdpa" (transformers' default)
 # keeps the fused automatic choice (PyTorch SDPA, or FlexAttention on CUDA when the decay is on); "eager" is the
@@ -52,7 +52,7 @@ def checkpointing_layer(cfg: EncoderConfig) -> nn.Module:
     return DefocusMambaLayer(cfg) if cfg.mixer == "mamba" else DefocusTransformerLayer(cfg)
 
 
-class DefocusPreTrainedModel(PreTrainedModel):
+class DefocusPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     config_class = DefocusVisionConfig
     base_model_prefix = "defocus"
     main_input_name = "pixel_values"
@@ -82,17 +82,15 @@ class DefocusPreTrainedModel(PreTrainedModel):
     def _attention_backend(self) -> str:
         return ATTENTION_BACKENDS.get(self.config._attn_implementation, "auto")
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            write_remote_code(save_directory, {
-                "AutoConfig": "DefocusVisionConfig",
-                "AutoModel": "DefocusVisionModel",
-                "AutoModelForImageClassification": "DefocusVisionForImageClassification",
-                # Kept here, not in preprocessor_config.json: an image-processor auto_map makes
-                # transformers look for a remote *video* processor and prompt in pipelines.
-                "AutoImageProcessor": "DefocusImageProcessor",
-            }, "config.json")
+    def remote_auto_map(self) -> dict[str, str]:
+        return {
+            "AutoConfig": "DefocusVisionConfig",
+            "AutoModel": "DefocusVisionModel",
+            "AutoModelForImageClassification": "DefocusVisionForImageClassification",
+            # Kept here, not in preprocessor_config.json: an image-processor auto_map makes
+            # transformers look for a remote *video* processor and prompt in pipelines.
+            "AutoImageProcessor": "DefocusImageProcessor",
+        }
 
 
 class DefocusVisionModel(DefocusPreTrainedModel):

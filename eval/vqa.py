@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from defocus_vlm.cli_options import add_device
+from defocus_vlm.cli_options import add_device, add_output_dir
 from defocus_vlm.data.vqa import BENCHMARKS, VQASample, build_prompt, get_benchmark, read_benchmark
 from defocus_vlm.inference import VLMAnswerer
 
@@ -204,9 +204,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     add_device(parser)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument(
-        "--output-dir", default=None, help="where predictions.jsonl and metrics.json go (default: runs/vqa/...)"
-    )
+    add_output_dir(parser, help="where predictions.jsonl and metrics.json go (default: runs/vqa/...)", required=False)
 
 
 def run_cli(args: argparse.Namespace) -> int:
