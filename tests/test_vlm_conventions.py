@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CompileConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from vlm_helpers import tiny_vlm
 
 from defocus_vlm.compat import CACHE_NAME
-from defocus_vlm.modeling_vlm import tiny_vlm
 
 torch.set_num_threads(1)
 VARIED = {"initializer_range": 0.3}  # random tiny LMs at std 0.02 repeat one token; these vary

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 from transformers import AutoProcessor, pipeline
+from vlm_helpers import tiny_vlm
 
 from defocus_vlm import DefocusVLMProcessor, build_vlm
 from defocus_vlm.llm import (
@@ -18,7 +19,6 @@ from defocus_vlm.llm import (
     smollm2_available,
     smollm2_dir,
 )
-from defocus_vlm.modeling_vlm import tiny_vlm
 from defocus_vlm.processing_vlm import add_image_token
 
 torch.set_num_threads(1)
