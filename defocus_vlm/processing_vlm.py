@@ -66,11 +66,13 @@ def legacy_layout_config(saved: dict) -> DefocusVLMConfig:
 def saved_config(path: str | os.PathLike, saved: dict, **hub_kwargs) -> DefocusVLMConfig:
     """The VLM config a saved processor expands placeholders with: its model's ``config.json`` beside it, else (an
     old processor saved alone) the layout its ``processor_config.json`` recorded."""
-    try:
+    from transformers.utils import cached_file
+
+    # Asked for by name: from_pretrained of a directory without config.json gives a default config, not an error.
+    if cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs) is not None:
         return DefocusVLMConfig.from_pretrained(path, **hub_kwargs)
-    except OSError:  # no config.json there
-        if all(key in saved for key in LEGACY_LAYOUT_KEYS):
-            return legacy_layout_config(saved)
+    if all(key in saved for key in LEGACY_LAYOUT_KEYS):
+        return legacy_layout_config(saved)
     raise FileNotFoundError(f"{Path(path) / 'config.json'} not found: a DefocusVLMProcessor reads the image-token "
                             "layout from its model's config; save the processor together with the model "
                             "(model.save_pretrained(dir)), or build it with DefocusVLMProcessor.from_config")
