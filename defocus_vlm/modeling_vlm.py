@@ -267,8 +267,9 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         logits, used instead of ``labels``. Targets that are the image token are ignored either way. With targets,
         the language model's head runs only at the positions where some sample of the batch has a trained next
         token (as ``logits_to_keep`` given as those positions would): ``logits`` are (batch, K, vocab) for those K
-        positions in order, and the loss equals the loss of the full logits. Call without labels for the logits
-        of every position; ``logits_to_keep`` cannot be combined with labels.
+        positions in order, and the loss equals the loss of the full logits (traced code, whose shapes cannot depend
+        on data, keeps every position). Call without labels for the logits of every position; ``logits_to_keep``
+        cannot be combined with labels.
         inputs_embeds: instead of ``input_ids``, also with ``pixel_values`` (the placeholders are the positions that
         hold the image token's embedding, as in LLaVA). image_chunk_size: pre-fill with the streaming path
         (:meth:`prefill_image_stream`) instead of one shot; inference only, from ``input_ids``. cache: the language
@@ -303,10 +304,11 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         if targets is not None:
             if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep:
                 raise ValueError("logits_to_keep is chosen from the labels when labels are given; pass one of them")
-            # The head runs only where some sample trains the next token: with a large vocabulary the logits of the
-            # image and prompt tokens are most of a step's memory, and their targets are all ignored anyway.
-            logits_to_keep = targets.ne(-100).any(0).nonzero().squeeze(1).to(inputs_embeds.device)
-            targets = targets[:, logits_to_keep.to(targets.device)]
+            if not torch.compiler.is_compiling():  # the positions are data: traced code keeps every logit
+                # The head runs only where some sample trains the next token: with a large vocabulary the logits of
+                # the image and prompt tokens are most of a step's memory, and their targets are all ignored anyway.
+                logits_to_keep = targets.ne(-100).any(0).nonzero().squeeze(1).to(inputs_embeds.device)
+                targets = targets[:, logits_to_keep.to(targets.device)]
         out = self._run_language_model(inputs_embeds, attention_mask, position_ids, cache, use_cache,
                                        logits_to_keep, **kwargs)
         loss = None
