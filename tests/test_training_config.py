@@ -345,9 +345,9 @@ def _old_groups(model) -> tuple[set, set]:
 def _models_of_every_preset():
     """(label, model) for every preset x decay x RoPE setting at test size, a CLIP model and a VLM."""
     from conftest import ALL_PRESETS, tiny_config
+    from vlm_helpers import tiny_vlm
 
     from defocus_vlm import DefocusCLIPConfig, DefocusCLIPModel, DefocusVisionForImageClassification
-    from defocus_vlm.modeling_vlm import tiny_vlm
 
     for preset in ALL_PRESETS:
         for decay in ("none", "fixed", "learnable"):
