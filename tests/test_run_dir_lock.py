@@ -4,8 +4,11 @@ takes the lock over and says whose it was."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,3 +78,36 @@ def test_lock_in_the_same_process_is_exclusive_too(tmp_path):
     with pytest.raises(RunDirError, match=f"pid {os.getpid()}"):
         RunLock(tmp_path)
     lock.release()
+
+
+@contextlib.contextmanager
+def _read_only(path: Path):
+    """``path`` cannot be written, even by root (whose rights ignore permission bits): immutable then."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield
+        path.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)]).returncode:
+        pytest.skip("running as root, and chattr +i is not available to make a folder read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_read_only_checkpoints_folder_is_one_line_before_training(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with _read_only(run / "checkpoints"):
+        cli = subprocess.run(
+            [sys.executable, "-m", "defocus_vlm.cli", "train", "classification", "--config", "tiny_cpu",
+             f"train.output_dir={run}", "train.progress=false"],
+            capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "DEFOCUS_MALLOC_TUNING": "0"})
+    assert cli.returncode == 2, cli.stderr[-2000:]
+    errors = [line for line in cli.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.fullmatch(
+        f"defocus-vlm train: error: cannot write to {re.escape(str(run / 'checkpoints'))} "
+        r"\((Permission denied|Operation not permitted)\): the checkpoints folder of train.output_dir must be a "
+        "writable directory", errors[0]), errors
+    assert not (run / "config.yaml").exists()

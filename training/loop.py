@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from defocus_vlm.data.classification import DataError
-from defocus_vlm.run_lock import RunDirError, RunLock
+from defocus_vlm.run_lock import RunLock
 
 from . import checkpoint as ckpt
 from . import run_dir
@@ -144,13 +146,14 @@ class Run:
         self.task, self.cfg, self.t, self.o = task, cfg, cfg.train, cfg.optim
         if self.t.cpu_threads:
             torch.set_num_threads(self.t.cpu_threads)
-        self.rank, self.world = task.rank, task.world = init_distributed()
-        self.is_main = self.rank == 0
         self.run_dir = Path(self.t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.is_main = (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
         self.lock = None
         try:
-            self._open_run_dir(resume)
+            self._open_run_dir(resume)  # before DeepSpeed starts: an unusable directory fails in a second
+            self.rank, self.world = task.rank, task.world = init_distributed()
+            barrier()  # the directory is ready for every process
             self.train_ds = task.build_data()  # validated before anything is trained
             self._plan_steps()
             self._build_engine()
@@ -173,23 +176,14 @@ class Run:
 
     # ---- set-up
     def _open_run_dir(self, resume: bool) -> None:
-        """Process 0 locks the run directory (one run per directory) and checks it can be written; on
-        --resume the config is checked against the checkpoint's (:func:`run_dir.check_resume`). Every
-        process raises when process 0 could not open it."""
-        error = None
+        """Process 0 locks the run directory (one run per directory), checks that it can be written and
+        writes or, on --resume, checks the config (``run_dir.prepare``); the others wait at the first
+        barrier (a launcher stops them when process 0 fails)."""
         if self.is_main:
-            try:
-                self.lock = RunLock(self.run_dir, "train.output_dir")
-                if self.lock.message():
-                    print(self.lock.message(), flush=True)
-                run_dir.prepare(self.run_dir, self.cfg, resume)
-            except ValueError as err:
-                error = err
-        failed = reduce_count(error is not None)
-        if error is not None:
-            raise error
-        if failed:
-            raise RunDirError(f"process 0 could not open {self.run_dir}; see its message")
+            self.lock = RunLock(self.run_dir, "train.output_dir")
+            if self.lock.message():
+                print(self.lock.message(), flush=True)
+            run_dir.prepare(self.run_dir, self.cfg, resume)
 
     def _plan_steps(self) -> None:
         """Batch layout, sampler, step budget and the LR schedule's constants."""
