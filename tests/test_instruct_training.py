@@ -257,8 +257,9 @@ def test_flips_follow_the_sample_seed_and_spare_evaluation(tmp_path):
 def test_unreadable_images_follow_on_corrupt_from_start_up(tmp_path):
     """data.on_corrupt=fail refuses the data while it is built (before any model); skip warns, and a
     sample whose image cannot be read is replaced by the next one."""
-    from defocus_vlm.data.classification import DataError
     from defocus_vlm.training.instruct import InstructTask
+
+    from defocus_vlm.data.classification import DataError
 
     (tmp_path / "images").mkdir()
     for name, rgb in COLOURS.items():
