@@ -135,7 +135,8 @@ def test_a_planted_pickle_is_refused_and_never_runs(tmp_path, target):
     if target == "rng_rank0.pt":  # a checkpoint of the earlier layout: the RNG state was a pickle
         (path / "rng_rank0.safetensors").unlink()
     torch.save({"payload": Planted(marker)}, path / target)
-    with pytest.raises(ckpt.CheckpointError, match=f"refusing to load {path / target}: .*pathlib"):
+    refused = f"refusing to load {path / target}: its pickle references getattr, but"
+    with pytest.raises(ckpt.CheckpointError, match=refused):
         ckpt.load(engine, tmp_path / "ckpt")
     assert not marker.exists()
     torch.load(path / target, weights_only=False)  # the plant is real: an unsafe load runs it

@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,10 @@ def safe_load(path: str | os.PathLike, map_location: Any = None, allowed: list |
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).split("\n")[0].split(". ")[0]
-        raise CheckpointError(f"refusing to load {path}: {reason}. A checkpoint holds tensors, plain containers "
-                              f"and DeepSpeed's own state only; was this file written by defocus-vlm?") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        reason = f"its pickle references {found.group(1)}" if found else str(err).split("\n")[0].split(". ")[0]
+        raise CheckpointError(f"refusing to load {path}: {reason}, but a checkpoint holds only tensors, plain "
+                              f"containers and DeepSpeed's own state; was this file written by defocus-vlm?") from None
 
 
 class _SafeCheckpointEngine:
