@@ -279,3 +279,28 @@ def test_flips_follow_the_sample_seed_and_spare_evaluation(tmp_path):
     seen = {tuple(half[(0, seed)]["pixel_values"][0, 0, 0].tolist()) for seed in range(16)}
     assert seen == {tuple(plain[0].tolist()), tuple(plain[0].flip(0).tolist())}
     assert torch.equal(half[(0, 3)]["pixel_values"], half[(0, 3)]["pixel_values"])
+
+
+def test_unreadable_images_follow_on_corrupt_from_start_up(tmp_path):
+    """data.on_corrupt=fail refuses the data while it is built (before any model); skip warns, and a
+    sample whose image cannot be read is replaced by the next one."""
+    from defocus_vlm.training.instruct import InstructTask
+
+    from defocus_vlm.data.classification import DataError
+
+    (tmp_path / "images").mkdir()
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (16, 16), rgb).save(tmp_path / "images" / f"{name}.png")
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    names = [*COLOURS, "broken"]
+    records = [{"id": n, "image": f"{n}.png", "conversations": turn("<image>\nwhat colour?", n)} for n in names]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    base = [f"data.train_json={tmp_path / 'train.json'}", "data.eval_json=", "data.limit_train=0",
+            f"train.output_dir={tmp_path}"]
+    with pytest.raises(DataError, match=r"train split: 1 of all 4 images cannot be read \(first: sample 3 \(broken"):
+        InstructTask(load_config("tiny_cpu", [*base, "data.on_corrupt=fail"], stage="instruct")).build_data()
+    with pytest.warns(UserWarning, match="1 of all 4 images are unreadable and will be skipped"):
+        train = InstructTask(load_config("tiny_cpu", [*base, "data.on_corrupt=skip"], stage="instruct")).build_data()
+    with pytest.warns(UserWarning, match="skipping a sample with an unreadable image"):
+        item = train[3]
+    assert torch.equal(item["input_ids"], train[0]["input_ids"])  # the next sample (wrapping round) instead

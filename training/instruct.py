@@ -27,6 +27,7 @@ import torch
 from defocus_vlm import compat
 from defocus_vlm.configuration_vlm import FEATURE_SELECTS, PROJECTOR_TYPES
 from defocus_vlm.constants import IMAGE_TOKEN
+from defocus_vlm.data.classification import verify_source
 from defocus_vlm.data.llava import (
     IGNORE_INDEX,
     OVERLONG_POLICIES,
@@ -37,7 +38,7 @@ from defocus_vlm.data.llava import (
     resolve_images,
 )
 
-from .config import ConfigError, OptimConfig, RunConfig, TrainConfig, VisionTowerConfig
+from .config import ON_CORRUPT, ConfigError, OptimConfig, RunConfig, TrainConfig, VisionTowerConfig
 from .engine import all_reduce_sum
 from .export import export_model
 from .fields import choice, num
@@ -107,7 +108,9 @@ class InstructDataConfig:
     limit_train: int = num(0, ge=0)  # first N conversations only (0 = all)
     limit_eval: int = num(0, ge=0)  # score only the first N evaluation questions (0 = all)
     max_new_tokens: int = num(16, ge=1)  # generation length when scoring
-    num_workers: int = num(0, ge=0)  # DataLoader worker processes
+    num_workers: int = num(0, ge=0, resume_free=True)  # DataLoader worker processes
+    on_corrupt: str = choice("skip", *ON_CORRUPT, resume_free=True)  # unreadable image: "skip" the sample | "fail"
+    verify: int = num(64, ge=-1, resume_free=True)  # samples whose images are decoded before training (-1 = all)
 
 
 def _instruct_optim() -> OptimConfig:
@@ -284,7 +287,12 @@ class InstructTask(StageTask):
             self.eval_ds = LlavaDataset([s for _, s in kept], image_folder, self.processor.image_processor)
             self.eval_prompts = [self._prompt(c) for c, _ in kept]
         self.num_train = len(samples)
-        return LlavaDataset(samples, image_folder, self.processor.image_processor, d.hflip, d.vflip)
+        train_ds = LlavaDataset(samples, image_folder, self.processor.image_processor, d.hflip, d.vflip, d.on_corrupt)
+        if d.verify:  # evaluation cannot skip a question: its images are all checked, and must all be readable
+            verify_source(train_ds, d.verify, "train", d.on_corrupt)
+            if self.eval_ds is not None:
+                verify_source(self.eval_ds, -1, "eval", "fail")
+        return train_ds
 
     def _read(self, path: str, image_folder: Path, limit: int) -> list:
         conversations = read_llava_json(path, self.processor.image_token)

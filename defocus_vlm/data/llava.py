@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,17 +208,25 @@ class LlavaDataset(Dataset):
 
     hflip / vflip: probability of mirroring each training image left-right / upside down, drawn from
     the sampler's per-sample seed (so a resumed run sees the same images). Off by default, as in
-    LLaVA; only for data whose answers do not change under the flip (no "left of" questions)."""
+    LLaVA; only for data whose answers do not change under the flip (no "left of" questions).
+    on_corrupt: "skip" replaces a sample whose image cannot be read by the next one (with a warning),
+    "fail" stops. ``load`` / ``where`` make it a source for ``verify_source`` (checked before training)."""
 
     def __init__(self, samples: list[EncodedSample], image_folder: str | os.PathLike, image_processor,
-                 hflip: float = 0.0, vflip: float = 0.0):
+                 hflip: float = 0.0, vflip: float = 0.0, on_corrupt: str = "fail"):
         if not samples:
             raise DataError("no training sample is left after encoding (all were dropped)")
         self.samples, self.image_folder, self.image_processor = samples, Path(image_folder), image_processor
-        self.flips = (hflip, vflip)
+        self.flips, self.on_corrupt = (hflip, vflip), on_corrupt
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def load(self, index: int) -> list[Image.Image]:
+        return [load_image(self.image_folder / p) for p in self.samples[index].images]
+
+    def where(self, index: int) -> str:
+        return f"sample {index} ({', '.join(self.samples[index].images) or 'no image'} under {self.image_folder})"
 
     def load_images(self, paths: list[str], seed: int | None = None) -> torch.Tensor | None:
         if not paths:
@@ -238,9 +247,20 @@ class LlavaDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         # the training sampler gives (index, per-sample seed); evaluation gives an index (no flips)
         index, seed = item if isinstance(item, tuple) else (item, None)
-        s = self.samples[index]
+        for tries in range(len(self.samples)):
+            s = self.samples[(index + tries) % len(self.samples)]
+            try:
+                pixels = self.load_images(s.images, seed)
+                break
+            except DataError as err:
+                if self.on_corrupt != "skip":
+                    raise DataError(f"{err} (set data.on_corrupt=skip to skip such samples)") from err
+                warnings.warn(f"skipping a sample with an unreadable image (data.on_corrupt=skip): {err}",
+                              stacklevel=2)
+        else:
+            raise DataError(f"no sample of {self.image_folder} has readable images")
         return {"input_ids": torch.from_numpy(s.input_ids), "labels": torch.from_numpy(s.labels),
-                "pixel_values": self.load_images(s.images, seed)}
+                "pixel_values": pixels}
 
 
 class LlavaCollator:
