@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from defocus_vlm.data.decoded import DecodedDataset, collate_batch, decode_split
 from defocus_vlm.training.augment import mean_std
 from defocus_vlm.training.batch_augment import BatchAugment, SampleParams, augment_one
 from defocus_vlm.training.config import ConfigError, load_config
 from PIL import Image
+
+from defocus_vlm.data.decoded import DecodedDataset, collate_batch, decode_split
 
 torch.set_num_threads(1)
 

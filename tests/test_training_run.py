@@ -103,8 +103,9 @@ def test_resume_reproduces_uninterrupted_losses(full_run, tmp_path):
 
 def test_resume_is_exact_on_the_batch_augmentation(tmp_path):
     """The decoded-tensor path (augment.engine=batch) seeds each sample from the sampler: resume stays exact."""
-    from defocus_vlm.data.decoded import DecodedDataset
     from defocus_vlm.training.classification import ClassificationTask, run
+
+    from defocus_vlm.data.decoded import DecodedDataset
 
     batch = ["augment.engine=batch", "augment.rand_augment=null", "augment.color_jitter=0", "train.max_steps=6",
              "data.limit_val=32"]
