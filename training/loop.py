@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,9 +237,7 @@ class Run:
         """Train from the current position to the end of the epoch (or of the budget), checkpoint and
         evaluate as configured. False when train.stop_after stopped the run inside it."""
         t = self.t
-        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.micro * self.accum)
-        batches = iter(DataLoader(self.train_ds, batch_size=self.micro, sampler=self.sampler, drop_last=True,
-                                  num_workers=self.task.num_workers(), collate_fn=self.task.collate_fn()))
+        batches = self.batches()
         self.ctx.epoch = self.epoch
         self.ctx.drop_path = drop_path_at(self.epoch, t.epochs, t.drop_path_min, t.drop_path_max,
                                           t.drop_path_schedule)
@@ -260,6 +259,12 @@ class Run:
         if self.finished or (t.eval_every and self.epoch % t.eval_every == 0):
             self.evaluate()
         return True
+
+    def batches(self) -> Iterator:
+        """This process's micro batches from the current position (epoch, step in epoch) to the epoch's end."""
+        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.micro * self.accum)
+        return iter(DataLoader(self.train_ds, batch_size=self.micro, sampler=self.sampler, drop_last=True,
+                               num_workers=self.task.num_workers(), collate_fn=self.task.collate_fn()))
 
     def step(self, batches: list) -> None:
         """One optimiser step on ``batches`` (one per accumulated micro batch), then EMA and logging."""

@@ -1,0 +1,1 @@
+"""Benchmarks behind `defocus-vlm bench`, each writing JSON."""
