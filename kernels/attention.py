@@ -16,6 +16,26 @@ import torch.nn.functional as F
 from .dispatch import resolve
 
 
+_DISTANCES: dict = {}  # (Lq, Lk, q_offset, causal, dtype, device) -> (|t - s|, causal mask): constants
+
+
+def _distances(q_len: int, k_len: int, causal: bool, q_offset: int, dtype: torch.dtype, device: torch.device):
+    """|t - s| (Lq, Lk) and the causal mask (0 where s <= t, -inf where s > t; None when not causal), built
+    once per shape: only ``log_decay`` (which may be learned) is multiplied in at each call."""
+    key = (q_len, k_len, causal, q_offset, dtype, str(device))
+    hit = None if torch.compiler.is_compiling() else _DISTANCES.get(key)
+    if hit is None:
+        dist = (torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
+                - torch.arange(k_len, device=device)[None, :]).to(dtype)
+        mask = torch.zeros_like(dist).masked_fill_(dist < 0, float("-inf")) if causal else None
+        hit = dist.abs(), mask
+        if not torch.compiler.is_compiling():
+            if len(_DISTANCES) >= 64:  # streaming walks through offsets: keep the latest shapes
+                _DISTANCES.pop(next(iter(_DISTANCES)))
+            _DISTANCES[key] = hit
+    return hit
+
+
 def decay_bias(
     log_decay: torch.Tensor | None, q_len: int, k_len: int, causal: bool, q_offset: int,
     dtype: torch.dtype, device: torch.device,
@@ -23,15 +43,11 @@ def decay_bias(
     """Additive (H or 1, Lq, Lk) logit bias for decay and causality; None if neither applies."""
     if log_decay is None and not causal:
         return None
-    q_pos = torch.arange(q_offset, q_offset + q_len, device=device)
-    k_pos = torch.arange(k_len, device=device)
-    dist = (q_pos[:, None] - k_pos[None, :]).to(dtype)
-    bias = torch.zeros(1, q_len, k_len, dtype=dtype, device=device)
-    if log_decay is not None:
-        bias = log_decay.to(dtype)[:, None, None] * dist.abs()[None]
-    if causal:
-        bias = bias.masked_fill((dist < 0)[None], float("-inf"))
-    return bias
+    distance, mask = _distances(q_len, k_len, causal, q_offset, dtype, device)
+    if log_decay is None:
+        return mask[None]
+    bias = log_decay.to(dtype)[:, None, None] * distance[None]
+    return bias if mask is None else bias + mask
 
 
 def attention_probabilities(

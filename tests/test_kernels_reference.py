@@ -387,6 +387,51 @@ def test_rope_rotation_by_hand_and_norm():
         apply_rope(torch.randn(2, 5), torch.zeros(2, 5))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "stacked_qkv_view", "odd_offset"])
+def test_rope_tied_matches_the_reference_forward_and_backward(layout):
+    """apply_rope_tied (one complex multiply) == apply_rope with each pair's angle repeated, float64, grads too."""
+    from defocus_vlm.kernels.rope import apply_rope_tied
+
+    g = torch.Generator().manual_seed(0)
+    if layout == "contiguous":
+        x = leaf(torch.randn(3, 4, 7, 8, dtype=F64, generator=g))
+        view = x
+    elif layout == "stacked_qkv_view":  # q and k as the attention mixer hands them: a permuted view of qkv
+        x = leaf(torch.randn(3, 7, 3, 4, 8, dtype=F64, generator=g))  # (B, L, q k v, H, head_dim)
+        view = x.permute(2, 0, 3, 1, 4)[:2]  # (2, B, H, L, head_dim)
+    else:  # a storage offset of one element: view_as_complex cannot take it, the reference path runs
+        x = leaf(torch.randn(3 * 4 * 7 * 8 + 1, dtype=F64, generator=g))
+        view = x[1:].view(3, 4, 7, 8)
+    angles = leaf(torch.randn(4, 7, 4, dtype=F64, generator=g))  # (H, L, pairs)
+    got = apply_rope_tied(view, angles)
+    want = apply_rope(view, angles.repeat_interleave(2, dim=-1))
+    torch.testing.assert_close(got, want, **TOL64)
+    cot = torch.randn(got.shape, dtype=F64, generator=g)
+    got_grads = torch.autograd.grad(got, (x, angles), cot)
+    want_grads = torch.autograd.grad(want, (x, angles), cot)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **TOL64)
+    half = apply_rope_tied(view.detach().to(torch.bfloat16), angles.detach())  # no complex bf16: the reference
+    torch.testing.assert_close(half.float(), want.detach().float(), rtol=0.02, atol=0.05)
+
+
+def test_decay_bias_reuses_distances_not_the_decay():
+    """The cached |t - s| and causal mask are constants: each call multiplies in its own log_decay (and its grad)."""
+    for causal, offset in ((True, 0), (False, 0), (True, 3)):
+        lam = leaf(-torch.rand(2, dtype=F64))
+        dist = (torch.arange(offset, offset + 4)[:, None] - torch.arange(7)[None, :]).to(F64)
+        kept = dist.abs().masked_fill((dist < 0) & causal, 0)
+        for scale in (1.0, 2.0):  # the second call hits the cache
+            bias = decay_bias(lam * scale, 4, 7, causal, offset, F64, torch.device("cpu"))
+            want = (lam * scale)[:, None, None] * dist.abs()
+            if causal:
+                want = want.masked_fill(dist < 0, float("-inf"))
+            torch.testing.assert_close(bias, want, **TOL64)
+            (grad,) = torch.autograd.grad(bias.masked_fill(bias.isinf(), 0).sum(), lam)
+            torch.testing.assert_close(grad, (scale * kept.sum()).expand(2), **TOL64)
+    assert decay_bias(None, 3, 3, False, 0, F64, torch.device("cpu")) is None
+
+
 # ----------------------------------------------------------------------------- dispatch
 def _spy(monkeypatch, module, calls):
     for name, fn in list(module.BACKENDS.items()):
