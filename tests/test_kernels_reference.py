@@ -476,16 +476,17 @@ def test_env_var_selects_backend(monkeypatch, env, expected):
 
 def test_cpu_auto_rules():
     """CPU: the fused C++ scan (the recurrence where it cannot be built), with or without autograd;
-    the parallel retention for short inputs with a small score tensor, chunkwise otherwise."""
+    the parallel retention for inputs of one chunk with a small score tensor, chunkwise otherwise."""
     from defocus_vlm.kernels.selective_scan_cpu import fused_available
 
     scan = "fused" if fused_available() else "reference"
     s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
     assert SCAN._auto_for(s["u"])() == scan
-    assert RET._auto_for(torch.zeros(1, 2, 197, 4))() == "parallel"
+    assert RET._auto_for(torch.zeros(128, 2, 50, 4))() == "parallel"  # one chunk (Fashion-MNIST)
+    assert RET._auto_for(torch.zeros(1, 2, 197, 4))() == "chunkwise"  # a 224 px image: chunkwise was faster
     assert RET._auto_for(torch.zeros(1, 2, 1024, 4))() == "chunkwise"  # long: chunkwise
-    assert 1024 * 16 * 256 * 256 > RET.PARALLEL_MAX_SCORES
-    assert RET._auto_for(torch.zeros(1024, 16, 256, 1))() == "chunkwise"  # short but many scores
+    assert 1024 * 128 * 64 * 64 > RET.PARALLEL_MAX_SCORES
+    assert RET._auto_for(torch.zeros(1024, 128, 64, 1))() == "chunkwise"  # short but many scores
     s = {k: (v.requires_grad_() if k == "u" else v) for k, v in s.items()}
     selective_scan(**s)
     assert LAST_CHOICE["selective_scan"][0] == scan
