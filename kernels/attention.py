@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from .dispatch import resolve
 
-
 _DISTANCES: dict = {}  # (Lq, Lk, q_offset, causal, dtype, device) -> (|t - s|, causal mask): constants
 
 

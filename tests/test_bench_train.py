@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+
 from defocus_vlm.cli import main
 
 torch.set_num_threads(1)
@@ -34,9 +35,10 @@ def test_bench_train_json_and_phase_split(tmp_path, capsys):
 
 
 def test_bench_train_project_contender_runs_the_training_loop(tmp_path):
+    from defocus_vlm.training.config import load_config
+
     from defocus_vlm.bench.train import _Project
     from defocus_vlm.data.decoded import DecodedDataset
-    from defocus_vlm.training.config import load_config
 
     cfg = load_config("fashion_defocus_vit", [*TINY, "train.progress=false", "train.tensorboard=false",
                                               f"train.output_dir={tmp_path}"])
