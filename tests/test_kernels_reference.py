@@ -250,6 +250,27 @@ def test_attention_sdpa_matches_reference(case):
     assert_same(attn_fn("sdpa", **case), attn_fn("reference", **case), inputs)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_attention_sdpa_inference_key_decay_matches_reference(dtype):
+    """Without autograd the causal decay rides in an extra q.k dimension (SDPA's causal fast path): the same
+    output as the bias; a decay too steep for it (|lambda| L > KEY_DECAY_MAX) keeps the bias path."""
+    inputs = attn_inputs(batch=2, heads=3, q_len=11, k_len=11, dim=8, dtype=dtype)
+    tol = TOL64 if dtype == F64 else dict(rtol=1e-5, atol=2e-6)
+    with torch.no_grad():
+        want = defocus_attention(**inputs, backend="reference")
+        assert ATTN._key_decay_applies(**{k: inputs[k] for k in ("q", "k", "v", "log_decay")}, causal=True,
+                                       q_offset=0)
+        torch.testing.assert_close(defocus_attention(**inputs, backend="sdpa"), want, **tol)
+        torch.testing.assert_close(ATTN._key_decay_sdpa(inputs["q"], inputs["k"], inputs["v"], inputs["log_decay"],
+                                                        8**-0.5), want, **tol)
+        steep = {**inputs, "log_decay": inputs["log_decay"] * ATTN.KEY_DECAY_MAX}
+        assert not ATTN._key_decay_applies(steep["q"], steep["k"], steep["v"], steep["log_decay"], True, 0)
+        torch.testing.assert_close(defocus_attention(**steep, backend="sdpa"),
+                                   defocus_attention(**steep, backend="reference"), **tol)
+    assert not ATTN._key_decay_applies(inputs["q"].requires_grad_(), inputs["k"], inputs["v"], inputs["log_decay"],
+                                       True, 0)
+
+
 def test_attention_decay_bias_by_hand():
     lam = [-0.7, -0.2]
     bias = decay_bias(torch.tensor(lam, dtype=F64), 3, 3, causal=True, q_offset=0, dtype=F64, device="cpu")
