@@ -10,6 +10,7 @@ The allocator is the process's own: compare a run under ``DEFOCUS_MALLOC_TUNING=
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
@@ -152,12 +153,14 @@ class _Bare:
 
 
 def timm_vit(model_config: Any, drop_path: float) -> torch.nn.Module:
-    """timm's VisionTransformer with the encoder's dims (patch, width, depth, heads, MLP ratio)."""
+    """timm's VisionTransformer with the encoder's dims (patch, width, depth, heads, MLP ratio); for a Mamba
+    encoder, whose head count need not divide its width, the largest common divisor of the two."""
     from timm.models.vision_transformer import VisionTransformer
 
     c = model_config
     return VisionTransformer(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans,
-                             num_classes=c.num_labels, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
+                             num_classes=c.num_labels, embed_dim=c.embed_dim, depth=c.depth,
+                             num_heads=math.gcd(c.embed_dim, c.num_heads),
                              mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, drop_path_rate=drop_path)
 
 
