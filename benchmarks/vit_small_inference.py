@@ -10,15 +10,15 @@ four alternate call by call; medians. (To move into ``defocus-vlm bench`` with t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from defocus_vlm.encoders.benchmark import build
 from defocus_vlm.kernels import attention
+
+from defocus_vlm.commands.bench import _emit
 
 
 def main() -> None:
@@ -50,10 +50,7 @@ def main() -> None:
               "load_average_1min": [load, os.getloadavg()[0]], "median_ms": {k: round(v, 1) for k, v in med.items()},
               "ratio_vs_timm": {k: round(v / med["timm_deit_small"], 3) for k, v in med.items()},
               "ratio_vs_causal_vit": {k: round(v / med["causal_vit_small"], 3) for k, v in med.items()}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    _emit(result, args.out)  # print it, and write it to --out
 
 
 if __name__ == "__main__":

@@ -3,18 +3,16 @@ recipe: 28 px, patch 4, width 64, depth 4, 2 heads, batch 128, one thread): the 
 decay, without each, without both, without the auxiliary loss, and timm. Model only (loss + backward, no
 optimiser, random images); the six alternate step by step; medians.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vit_tiny_ablation.py --rounds 9 \
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vit_tiny_ablation.py --rounds 15 \
         --out benchmarks/cpu_vit_tiny_ablation.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +21,7 @@ from defocus_vlm.training.config import load_config
 
 from defocus_vlm import DefocusVisionForImageClassification
 from defocus_vlm.bench.train import timm_vit
+from defocus_vlm.commands.bench import _emit
 
 VARIANTS = {"defocus_vit": [], "no_rope": ["model.vision.overrides.rope=none"],
             "no_decay": ["model.vision.overrides.decay=none"],
@@ -62,10 +61,7 @@ def main() -> None:
     result = {"rounds": args.rounds, "load_average_1min": [load, os.getloadavg()[0]],
               "median_ms": {k: round(v, 1) for k, v in med.items()},
               "ratio_vs_timm": {k: round(v / med["timm"], 3) for k, v in med.items()}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    _emit(result, args.out)  # print it, and write it to --out
 
 
 if __name__ == "__main__":
