@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from defocus_vlm.kernels.rope import apply_rope
+from defocus_vlm.kernels.rope import apply_rope_tied
 
 from .layers import retnet_decay_init, rope_inv_freq
 
@@ -54,7 +54,8 @@ class BandPassFilter(nn.Module):
         return None if self.decay_log is None else -torch.exp(self.decay_log)
 
     def rotate(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        """Apply RoPE to x (B, H, L, head_dim) at absolute positions offset..offset+L-1."""
+        """Apply RoPE to x (..., H, L, head_dim) at absolute positions offset..offset+L-1 (q and k may come
+        stacked in one tensor: one rotation for both)."""
         if self.rope_freq is None:
             return x
         # angles in float32 at least: in bf16, position * frequency near 200 rad is off by up to 0.5 rad
@@ -62,5 +63,4 @@ class BandPassFilter(nn.Module):
         if freq.dtype in (torch.float16, torch.bfloat16):
             freq = freq.float()
         pos = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=freq.dtype)
-        angles = pos[None, :, None] * freq.repeat_interleave(2, dim=-1)[:, None, :]
-        return apply_rope(x, angles)
+        return apply_rope_tied(x, pos[None, :, None] * freq[:, None, :])  # pairs share a frequency

@@ -41,8 +41,8 @@ class DefocusAttention(nn.Module):
         """backend: the attention kernel (``defocus_attention``'s ``backend``). output_attentions: also return
         the probabilities (B, H, L, L_keys), computed on the reference path (the fused kernels never form them)."""
         b, length, dim = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.filter.rotate(q, offset), self.filter.rotate(k, offset)
+        qkv = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        (q, k), v = self.filter.rotate(qkv[:2], offset), qkv[2]  # q and k in one rotation
         if cache is not None:
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)

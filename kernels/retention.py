@@ -108,10 +108,11 @@ BACKENDS = {
 }
 
 
-# The automatic rule's parallel form on CPU: short sequences (a 224 px image is 197 tokens) whose
-# (B x H x L x L) scores stay small. Measured (benchmarks/cpu_kernels.json): at L=197 the two forms are
-# within noise and the encoder forward is faster parallel; at L=1024 chunkwise is 6-9x faster.
-PARALLEL_MAX_LENGTH = 256
+# The automatic rule's parallel form on CPU: sequences of one chunk (64 tokens; chunkwise is the same
+# product there) whose (B x H x L x L) scores stay small. Beyond one chunk chunkwise was faster forward at
+# every length measured (benchmarks/cpu_retention_rule.json: 0.73x at 128, 0.74x at 197, 0.11x at 256;
+# issue 20: 0.69x fwd, 0.87x fwd+bwd at 197); at L=1024 it is 6-9x faster (benchmarks/cpu_kernels.json).
+PARALLEL_MAX_LENGTH = 64
 PARALLEL_MAX_SCORES = 64 * 2**20
 
 

@@ -250,6 +250,27 @@ def test_attention_sdpa_matches_reference(case):
     assert_same(attn_fn("sdpa", **case), attn_fn("reference", **case), inputs)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_attention_sdpa_inference_key_decay_matches_reference(dtype):
+    """Without autograd the causal decay rides in an extra q.k dimension (SDPA's causal fast path): the same
+    output as the bias; a decay too steep for it (|lambda| L > KEY_DECAY_MAX) keeps the bias path."""
+    inputs = attn_inputs(batch=2, heads=3, q_len=11, k_len=11, dim=8, dtype=dtype)
+    tol = TOL64 if dtype == F64 else dict(rtol=1e-5, atol=2e-6)
+    with torch.no_grad():
+        want = defocus_attention(**inputs, backend="reference")
+        assert ATTN._key_decay_applies(**{k: inputs[k] for k in ("q", "k", "v", "log_decay")}, causal=True,
+                                       q_offset=0)
+        torch.testing.assert_close(defocus_attention(**inputs, backend="sdpa"), want, **tol)
+        torch.testing.assert_close(ATTN._key_decay_sdpa(inputs["q"], inputs["k"], inputs["v"], inputs["log_decay"],
+                                                        8**-0.5), want, **tol)
+        steep = {**inputs, "log_decay": inputs["log_decay"] * ATTN.KEY_DECAY_MAX}
+        assert not ATTN._key_decay_applies(steep["q"], steep["k"], steep["v"], steep["log_decay"], True, 0)
+        torch.testing.assert_close(defocus_attention(**steep, backend="sdpa"),
+                                   defocus_attention(**steep, backend="reference"), **tol)
+    assert not ATTN._key_decay_applies(inputs["q"].requires_grad_(), inputs["k"], inputs["v"], inputs["log_decay"],
+                                       True, 0)
+
+
 def test_attention_decay_bias_by_hand():
     lam = [-0.7, -0.2]
     bias = decay_bias(torch.tensor(lam, dtype=F64), 3, 3, causal=True, q_offset=0, dtype=F64, device="cpu")
@@ -387,6 +408,51 @@ def test_rope_rotation_by_hand_and_norm():
         apply_rope(torch.randn(2, 5), torch.zeros(2, 5))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "stacked_qkv_view", "odd_offset"])
+def test_rope_tied_matches_the_reference_forward_and_backward(layout):
+    """apply_rope_tied (one complex multiply) == apply_rope with each pair's angle repeated, float64, grads too."""
+    from defocus_vlm.kernels.rope import apply_rope_tied
+
+    g = torch.Generator().manual_seed(0)
+    if layout == "contiguous":
+        x = leaf(torch.randn(3, 4, 7, 8, dtype=F64, generator=g))
+        view = x
+    elif layout == "stacked_qkv_view":  # q and k as the attention mixer hands them: a permuted view of qkv
+        x = leaf(torch.randn(3, 7, 3, 4, 8, dtype=F64, generator=g))  # (B, L, q k v, H, head_dim)
+        view = x.permute(2, 0, 3, 1, 4)[:2]  # (2, B, H, L, head_dim)
+    else:  # a storage offset of one element: view_as_complex cannot take it, the reference path runs
+        x = leaf(torch.randn(3 * 4 * 7 * 8 + 1, dtype=F64, generator=g))
+        view = x[1:].view(3, 4, 7, 8)
+    angles = leaf(torch.randn(4, 7, 4, dtype=F64, generator=g))  # (H, L, pairs)
+    got = apply_rope_tied(view, angles)
+    want = apply_rope(view, angles.repeat_interleave(2, dim=-1))
+    torch.testing.assert_close(got, want, **TOL64)
+    cot = torch.randn(got.shape, dtype=F64, generator=g)
+    got_grads = torch.autograd.grad(got, (x, angles), cot)
+    want_grads = torch.autograd.grad(want, (x, angles), cot)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **TOL64)
+    half = apply_rope_tied(view.detach().to(torch.bfloat16), angles.detach())  # no complex bf16: the reference
+    torch.testing.assert_close(half.float(), want.detach().float(), rtol=0.02, atol=0.05)
+
+
+def test_decay_bias_reuses_distances_not_the_decay():
+    """The cached |t - s| and causal mask are constants: each call multiplies in its own log_decay (and its grad)."""
+    for causal, offset in ((True, 0), (False, 0), (True, 3)):
+        lam = leaf(-torch.rand(2, dtype=F64))
+        dist = (torch.arange(offset, offset + 4)[:, None] - torch.arange(7)[None, :]).to(F64)
+        kept = dist.abs().masked_fill((dist < 0) & causal, 0)
+        for scale in (1.0, 2.0):  # the second call hits the cache
+            bias = decay_bias(lam * scale, 4, 7, causal, offset, F64, torch.device("cpu"))
+            want = (lam * scale)[:, None, None] * dist.abs()
+            if causal:
+                want = want.masked_fill(dist < 0, float("-inf"))
+            torch.testing.assert_close(bias, want, **TOL64)
+            (grad,) = torch.autograd.grad(bias.masked_fill(bias.isinf(), 0).sum(), lam)
+            torch.testing.assert_close(grad, (scale * kept.sum()).expand(2), **TOL64)
+    assert decay_bias(None, 3, 3, False, 0, F64, torch.device("cpu")) is None
+
+
 # ----------------------------------------------------------------------------- dispatch
 def _spy(monkeypatch, module, calls):
     for name, fn in list(module.BACKENDS.items()):
@@ -431,16 +497,17 @@ def test_env_var_selects_backend(monkeypatch, env, expected):
 
 def test_cpu_auto_rules():
     """CPU: the fused C++ scan (the recurrence where it cannot be built), with or without autograd;
-    the parallel retention for short inputs with a small score tensor, chunkwise otherwise."""
+    the parallel retention for inputs of one chunk with a small score tensor, chunkwise otherwise."""
     from defocus_vlm.kernels.selective_scan_cpu import fused_available
 
     scan = "fused" if fused_available() else "reference"
     s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
     assert SCAN.OP.auto(s["u"]) == scan
-    assert RET.OP.auto(torch.zeros(1, 2, 197, 4)) == "parallel"
+    assert RET.OP.auto(torch.zeros(128, 2, 50, 4)) == "parallel"  # one chunk (Fashion-MNIST)
+    assert RET.OP.auto(torch.zeros(1, 2, 197, 4)) == "chunkwise"  # a 224 px image: chunkwise was faster
     assert RET.OP.auto(torch.zeros(1, 2, 1024, 4)) == "chunkwise"  # long: chunkwise
-    assert 1024 * 16 * 256 * 256 > RET.PARALLEL_MAX_SCORES
-    assert RET.OP.auto(torch.zeros(1024, 16, 256, 1)) == "chunkwise"  # short but many scores
+    assert 1024 * 128 * 64 * 64 > RET.PARALLEL_MAX_SCORES
+    assert RET.OP.auto(torch.zeros(1024, 128, 64, 1)) == "chunkwise"  # short but many scores
     s = {k: (v.requires_grad_() if k == "u" else v) for k, v in s.items()}
     with record_choices() as choices:
         selective_scan(**s)

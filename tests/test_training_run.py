@@ -114,6 +114,21 @@ def test_resume_reproduces_uninterrupted_losses(full_run, tmp_path):
     assert "train.stop_after: 11 -> 0" in (tmp_path / "config.resume-2.yaml").read_text().splitlines()[0]
 
 
+def test_resume_is_exact_on_the_batch_augmentation(tmp_path):
+    """The decoded-tensor path (augment.engine=batch) seeds each sample from the sampler: resume stays exact."""
+    from defocus_vlm.training.classification import ClassificationTask, run
+
+    from defocus_vlm.data.decoded import DecodedDataset
+
+    batch = ["augment.engine=batch", "augment.rand_augment=null", "augment.color_jitter=0", "train.max_steps=6",
+             "data.limit_val=32"]
+    assert isinstance(ClassificationTask(tiny(tmp_path / "probe", *batch)).build_data(), DecodedDataset)
+    full = run(tiny(tmp_path / "full", *batch))
+    assert run(tiny(tmp_path / "cut", *batch, "train.stop_after=3")).get("interrupted")
+    rest = run(tiny(tmp_path / "cut", *batch), resume=True)
+    assert rest["losses"] == full["losses"] and rest["val"] == full["val"]
+
+
 def test_export_reloads_and_evaluates_to_same_accuracy(full_run):
     from defocus_vlm.eval.classification import run_classification_eval
     from PIL import Image

@@ -15,8 +15,10 @@ from torch.utils.data import DataLoader
 from defocus_vlm.compat import enable_activation_checkpointing
 from defocus_vlm.configuration_defocus import AUX_LOSSES
 from defocus_vlm.data.classification import ClassificationDataset, open_source, verify_source
+from defocus_vlm.data.decoded import DECODE_MAX_BYTES, DecodedDataset, collate_batch, decode_split
 
-from .augment import EvalTransform, TrainTransform, build_mixup, image_processor, make_targets
+from .augment import EvalTransform, TrainTransform, build_mixup, image_processor, make_targets, mean_std
+from .batch_augment import BatchAugment, batch_augment_blocker
 from .config import AugmentConfig, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig, VisionTowerConfig
 from .engine import all_reduce_sum, batch_layout
 from .export import export_model
@@ -86,7 +88,31 @@ class ClassificationTask(StageTask):
         if self.mixup is not None and micro % 2:
             raise ConfigError(f"mixup/cutmix need an even micro batch, got {micro}")
         self.counters.setdefault("skipped_images", 0)
+        decoded = self._decoded_train(train_src)
+        self.batched = decoded is not None  # the DataLoader then gets whole batches from the dataset
+        if decoded is not None:
+            return decoded
         return ClassificationDataset(train_src, TrainTransform(d, cfg.augment), d.on_corrupt, d.limit_train)
+
+    def _decoded_train(self, train_src) -> DecodedDataset | None:
+        """The training split as one uint8 tensor with the batch augmentation (augment.engine), or None."""
+        d, aug = self.cfg.data, self.cfg.augment
+        blocker = batch_augment_blocker(d, aug)
+        if aug.engine == "pil" or (aug.engine == "auto" and blocker):
+            return None
+        if blocker:
+            raise ConfigError(f"augment.engine=batch cannot run this recipe: {blocker}")
+        decoded = decode_split(train_src, d.in_chans, d.limit_train)
+        if decoded is None:
+            if aug.engine == "batch":
+                raise ConfigError(f"augment.engine=batch: {d.path} ({d.train_split}) cannot be decoded into one "
+                                  f"tensor (images of several sizes, an unreadable image, or over "
+                                  f"{DECODE_MAX_BYTES >> 30} GiB); use augment.engine=pil")
+            return None
+        return DecodedDataset(*decoded, BatchAugment(d, aug, *mean_std(d)), self.classes)
+
+    def collate_fn(self):
+        return collate_batch if self.batched else None
 
     def build_model(self) -> torch.nn.Module:
         from defocus_vlm import DefocusVisionConfig

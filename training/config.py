@@ -93,6 +93,7 @@ class AugmentConfig:
     mixup_switch_prob: float = num(0.5, ge=0, le=1)  # probability of cutmix instead of mixup when both are on
     label_smoothing: float = num(0.1, ge=0, lt=1)  # label smoothing of the (mixed) targets
     repeated_aug: int = num(3, ge=0)  # repeats per sample (timm RepeatAugSampler); 0 or 1 = off
+    engine: str = choice("auto", "auto", "batch", "pil")  # batch (decoded once, batched) / pil (timm per image) / auto
 
 
 @dataclass

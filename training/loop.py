@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,8 @@ class StageTask:
         return 0
 
     def num_workers(self) -> int:
-        """DataLoader worker processes (training and evaluation)."""
-        return self.cfg.data.num_workers
+        """DataLoader worker processes (training and evaluation): ``data.num_workers``, capped by the free cores."""
+        return usable_workers(self.cfg.data.num_workers)
 
     # ---- data and model
     def build_data(self) -> Dataset:
@@ -257,9 +258,7 @@ class Run:
         """Train from the current position to the end of the epoch (or of the budget), checkpoint and
         evaluate as configured. False when train.stop_after stopped the run inside it."""
         t = self.t
-        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.micro * self.accum)
-        batches = iter(DataLoader(self.train_ds, batch_size=self.micro, sampler=self.sampler, drop_last=True,
-                                  num_workers=self.task.num_workers(), collate_fn=self.task.collate_fn()))
+        batches = self.batches()
         self.ctx.epoch = self.epoch
         self.ctx.drop_path = drop_path_at(self.epoch, t.epochs, t.drop_path_min, t.drop_path_max,
                                           t.drop_path_schedule)
@@ -281,6 +280,12 @@ class Run:
         if self.finished or (t.eval_every and self.epoch % t.eval_every == 0):
             self.evaluate()
         return True
+
+    def batches(self) -> Iterator:
+        """This process's micro batches from the current position (epoch, step in epoch) to the epoch's end."""
+        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.micro * self.accum)
+        return iter(DataLoader(self.train_ds, batch_size=self.micro, sampler=self.sampler, drop_last=True,
+                               num_workers=self.task.num_workers(), collate_fn=self.task.collate_fn()))
 
     def step(self, batches: list) -> None:
         """One optimiser step on ``batches`` (one per accumulated micro batch), then EMA and logging."""
@@ -366,6 +371,15 @@ def full_state_dict(engine) -> dict | None:
     if zero_stage(engine) == 3:
         return engine._zero3_consolidated_16bit_state_dict()
     return engine.module.state_dict()
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, at most as many as the cores left beside torch's threads, and none
+    unless two or more are free: on a 2-core machine a worker steals the core the model runs on (measured
+    1.07x slower, issue 20)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    free = cores - torch.get_num_threads()
+    return min(requested, free) if free > 1 else 0
 
 
 def reduce_count(value: int) -> int:

@@ -3,7 +3,8 @@ forward+backward, at several lengths and widths. ``encoders``: images/s and memo
 Small preset next to timm's deit_small_patch16_224, plus the streaming step time. ``stream``: the
 VLM's time to first token after an image's last patch, streaming prefill vs one shot. ``gpu``: the
 prepared GPU check (correctness, kernel speed, training throughput, streaming; one JSON and a
-Markdown table; see benchmarks/gpu/README.md), or its CPU dry run with ``--dry-run``. The benchmarks
+Markdown table; see benchmarks/gpu/README.md), or its CPU dry run with ``--dry-run``. ``train``: img/s of
+``train classification``'s step beside a bare PyTorch loop and timm, with the phase split. The benchmarks
 themselves live in :mod:`defocus_vlm.bench`, the GPU check in :mod:`defocus_vlm.gpu_check`."""
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="run only these (env cuda_tests correctness speed training streaming)")
     g.add_argument("--total-seconds", type=float, default=None, help="wall-time budget of the whole check")
     g.add_argument("--repo", default=None, help="the source tree (its tests/); default: where the package lives")
+    t = sub.add_parser("train", help="img/s of the training step vs a bare PyTorch loop and timm (phase split)")
+    t.add_argument("--config", default="fashion_defocus_vit", help="a classification run config (name or file)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
+    add_device(t)
+    t.add_argument("--steps", type=int, default=5, help="timed steps per contender and round")
+    t.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
+    t.add_argument("--kernels", nargs="+", default=[], metavar="SPEC",
+                   help="extra project contenders under DEFOCUS_KERNELS=SPEC (e.g. selective_scan=reference)")
+    t.add_argument("--pil", action="store_true", help="extra project contender on the per-image PIL data path")
+    add_output_file(t)
 
 
 def _emit(result: dict, out: str | None) -> None:
@@ -73,6 +84,8 @@ def _emit(result: dict, out: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.what == "gpu":
         return _run_gpu_check(args)
+    if args.what == "train":
+        return _run_train(args)
     from defocus_vlm.inference import resolve_device
 
     device = str(resolve_device(args.device))
@@ -94,6 +107,17 @@ def run(args: argparse.Namespace) -> int:
         result = run_encoder_benchmarks(device, args.batch_size, args.img_size, args.presets, args.repeats,
                                         args.stream_positions, progress, args.compare_reference)
     _emit(result, args.output)
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from defocus_vlm.bench.train import run_train_benchmark, table
+
+    progress = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    result = run_train_benchmark(args.config, args.overrides, args.device, args.steps, args.rounds, args.kernels,
+                                 args.pil, progress)
+    _emit(result, args.output)
+    print(table(result), file=sys.stderr)
     return 0
 
 
