@@ -42,7 +42,7 @@ def test_bench_train_project_contender_runs_the_training_loop(tmp_path):
 
     cfg = load_config("fashion_defocus_vit", [*TINY, "train.progress=false", "train.tensorboard=false",
                                               f"train.output_dir={tmp_path}"])
-    project = _Project(cfg)
+    project = _Project(cfg, "project")
     assert isinstance(project.run.train_ds, DecodedDataset)
     for _ in range(5):  # 4 steps an epoch: the fifth starts the next epoch
         times = project.step()

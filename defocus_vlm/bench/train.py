@@ -10,12 +10,14 @@ The allocator is the process's own: compare a run under ``DEFOCUS_MALLOC_TUNING=
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,10 +55,13 @@ class _PhaseTimer:
 class _Project:
     """``train classification``'s Run, stepped one optimiser step at a time."""
 
-    def __init__(self, cfg: Any, kernels: str | None = None):
+    def __init__(self, cfg: Any, name: str, kernels: str | None = None):
         from defocus_vlm.training.classification import ClassificationTask
         from defocus_vlm.training.loop import Run
 
+        # each contender is a run of its own, and a run owns its directory (the run-directory lock)
+        train = dataclasses.replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / name))
+        cfg = dataclasses.replace(cfg, train=train)
         self.run, self.kernels = Run(ClassificationTask(cfg), cfg), kernels
         self.engine = self.run.engine
         self.engine.train()
@@ -171,13 +176,13 @@ def _contenders(cfg: Any, overrides: list[str], kernels: list[str], pil: bool, c
     from defocus_vlm.training.augment import smooth_targets
     from defocus_vlm.training.config import load_config
 
-    project = _Project(cfg)
+    project = _Project(cfg, "project")
     contenders: dict[str, Any] = {"project": project}
     if pil:
         contenders["pil_data"] = _Project(load_config(config, [*overrides, "augment.engine=pil"],
-                                                      stage="classification"))
+                                                      stage="classification"), "pil_data")
     for spec in kernels:
-        contenders[f"kernels:{spec}"] = _Project(cfg, spec)
+        contenders[f"kernels:{spec}"] = _Project(cfg, f"kernels{len(contenders)}", spec)
     d, smoothing = cfg.data, cfg.augment.label_smoothing
     data = decode_split(open_source(d.source, d.path, d.train_split, d.image_column, d.label_column), d.in_chans,
                         d.limit_train)
