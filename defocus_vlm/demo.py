@@ -32,6 +32,7 @@ from pathlib import Path
 from defocus_vlm.data.classification import FASHION_MNIST_DIR
 
 SOURCE_KEY = "model.vision.source="  # the override that hands a stage the previous stage's tower
+OUTPUT_KEY = "train.output_dir="
 # the training steps, named once: the final table reads its rows back by these names
 FASHION = "Fashion-MNIST classification"
 STAGE1 = "stage 1: classification (easy-VQA colour-shape classes)"
@@ -46,6 +47,13 @@ class Step:
     argv: list[str]  # the defocus-vlm command line
     output: str  # a file the step writes last: its presence means the step is done
     lane: int = 0  # 0: the Fashion-MNIST showcase and its readers; 1: the easy-VQA chain (independent of lane 0)
+
+    def command(self) -> list[str]:
+        """``argv``, plus ``--resume`` for a training step interrupted after a checkpoint (the run
+        refuses to start over a run directory holding checkpoints)."""
+        out = next((a[len(OUTPUT_KEY):] for a in self.argv if a.startswith(OUTPUT_KEY)), None)
+        interrupted = self.argv[0] == "train" and out and (Path(out) / "checkpoints" / "latest").is_file()
+        return [*self.argv, "--resume"] if interrupted else self.argv
 
     def source(self) -> str | None:
         """The checkpoint (or preset) this step's tower starts from, when the step names one."""
@@ -208,19 +216,20 @@ class _Runner:
         self.lock = threading.Lock()
         self.state_file = out / "demo_state.json"
 
-    def run_lane(self, lanes: set[int], command: Callable[[int, Step], int], cpu_clock: Callable[[], float],
+    def run_lane(self, lanes: set[int], command: Callable[[int, Step, list[str]], int], cpu_clock: Callable[[], float],
                  prefix: str = "") -> None:
         """cpu_clock: the CPU seconds (user + sys) so far of whatever runs this lane's commands."""
         for i, step in enumerate(self.steps, 1):
             if step.lane not in lanes:
                 continue
-            line = "defocus-vlm " + " ".join(step.argv)
+            argv = step.command()
+            line = "defocus-vlm " + " ".join(argv)
             if Path(step.output).is_file() and not self.force:
                 print(f"\n{prefix}[{i}/{len(self.steps)}] {step.name}: done before, reused ({step.output})", flush=True)
                 continue
             print(f"\n{prefix}[{i}/{len(self.steps)}] {step.name}\n{prefix}$ {line}", flush=True)
             t0, cpu0 = time.time(), cpu_clock()
-            code = command(i, step)
+            code = command(i, step, argv)
             if code:
                 raise RuntimeError(f"demo step {step.name!r} failed (exit {code}); command: {line}")
             if not Path(step.output).is_file():
@@ -257,8 +266,8 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, fast: bool = Fa
     steps = demo_steps(out, fast)
     runner = _Runner(steps, out, force, times, cpu_times)
 
-    def foreground(i: int, step: Step) -> int:
-        return run_command(step.argv)
+    def foreground(i: int, step: Step, argv: list[str]) -> int:
+        return run_command(argv)
 
     if jobs < 2:
         runner.run_lane({0, 1}, foreground, _cpu_seconds)
@@ -268,8 +277,8 @@ def run_demo(out: str | Path = "runs/demo", force: bool = False, fast: bool = Fa
               flush=True)
         failure: list[BaseException] = []
 
-        def in_background(i: int, step: Step) -> int:
-            return background_command(step.argv, logs / f"{i}_{_slug(step.name)}.log")
+        def in_background(i: int, step: Step, argv: list[str]) -> int:
+            return background_command(argv, logs / f"{i}_{_slug(step.name)}.log")
 
         def background() -> None:
             try:

@@ -60,7 +60,7 @@ def test_demo_step_failure_names_the_command(tmp_path):
 def _fake_step(steps, calls: list, lane: str):
     def run(argv: list[str], *log) -> int:
         calls.append((lane, argv, *log))
-        step = next(s for s in steps if s.argv == argv)
+        step = next(s for s in steps if s.argv == [a for a in argv if a != "--resume"])
         Path(step.output).parent.mkdir(parents=True, exist_ok=True)
         Path(step.output).write_text("{}")
         return 0
@@ -97,6 +97,21 @@ def test_each_chain_stage_starts_from_the_previous_stage_export(tmp_path):
     assert steps[STAGE2].source() == str(tmp_path / "stage1" / "model")
     assert steps[STAGE3].source() == str(tmp_path / "stage2" / "model")
     assert all(not a.startswith(SOURCE_KEY) for a in steps[FASHION].argv)
+
+
+def test_an_interrupted_training_step_resumes_from_its_checkpoint(tmp_path):
+    """A training step whose run directory holds a checkpoint (the demo was interrupted) runs with
+    --resume, which the training run requires there; a finished-or-fresh one runs as written."""
+    steps = {s.name: s for s in demo_steps(tmp_path)}
+    assert steps[STAGE1].command() == steps[STAGE1].argv
+    (tmp_path / "stage1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "stage1" / "checkpoints" / "latest").write_text("step_55\n")
+    assert steps[STAGE1].command() == [*steps[STAGE1].argv, "--resume"]
+    assert steps[STAGE2].command() == steps[STAGE2].argv
+    calls: list = []
+    run_demo(tmp_path, fast=True, jobs=1, run_command=_fake_step(demo_steps(tmp_path, fast=True), calls, "fg"))
+    last_words = [c[1][-1] for c in calls if c[1][:2] == ["train", "classification"]]
+    assert last_words == [f"train.output_dir={tmp_path / 'fashion'}", "--resume"]  # Fashion-MNIST, then stage 1
 
 
 def test_subprocess_steps_log_the_command_output(tmp_path, monkeypatch):
