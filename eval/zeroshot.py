@@ -1,10 +1,11 @@
 """Zero-shot classification with a CLIP model: each class is the mean embedding of its prompts (one
 per template, "a photo of a {}."), images go to the nearest class (cosine); top-1 / top-5.
 
-CLI: ``defocus-vlm eval zeroshot --model DIR --data PATH --classnames FILE|fashion-mnist|imagenet
+CLI: ``defocus-vlm eval zeroshot --model DIR --data PATH --classnames FILE|fashion-mnist|easy-vqa|imagenet
 [--templates FILE] [--split val]``. DATA is any labelled dataset that
 ``defocus-vlm eval classification`` reads (Fashion-MNIST IDX files, an image folder, a ``datasets``
-directory); the class names must follow its label order. ImageNet class names come from timm
+directory); the class names must follow its label order. ``easy-vqa`` names the 24 colour-shape
+classes of a ``defocus-vlm data easy-vqa`` export's ``classes/`` folder. ImageNet class names come from timm
 (offline). Template files hold one template per line, each with one ``{}``."""
 
 from __future__ import annotations
@@ -42,27 +43,35 @@ def _lines(path: str | Path, what: str) -> list[str]:
     return lines
 
 
+def _key(spec: str) -> str:
+    return spec.lower().replace("_", "-")
+
+
 def load_classnames(spec: str) -> list[str]:
-    """``fashion-mnist``, ``imagenet`` or a file with one class name per line (in label order)."""
+    """``fashion-mnist``, ``easy-vqa``, ``imagenet`` or a file with one class name per line (in label order)."""
+    from defocus_vlm.data.easy_vqa import class_names
     from defocus_vlm.data.pairs import FASHION_MNIST_NAMES
 
-    key = spec.lower().replace("_", "-")
+    key = _key(spec)
     if key == "fashion-mnist":
         return list(FASHION_MNIST_NAMES)
+    if key == "easy-vqa":
+        return class_names()
     if key == "imagenet":
         return imagenet_classnames()
     return _lines(spec, "class names")
 
 
 def load_templates(spec: str | None, classnames: str) -> list[str]:
-    """A file (one template per line), or the built-in set for the class names: Fashion-MNIST's
-    caption templates, generic photo templates otherwise."""
-    from defocus_vlm.data.pairs import FASHION_TEMPLATES, check_templates
+    """A file (one template per line), or the built-in set for the class names: the caption templates
+    of Fashion-MNIST's or easy-VQA's stage-2 training, generic photo templates otherwise."""
+    from defocus_vlm.data.pairs import EASY_VQA_TEMPLATES, FASHION_TEMPLATES, check_templates
 
     if spec is not None:
         return check_templates(_lines(spec, "templates"), str(spec))
-    if classnames.lower().replace("_", "-") == "fashion-mnist":
-        return list(FASHION_TEMPLATES)
+    built_in = {"fashion-mnist": FASHION_TEMPLATES, "easy-vqa": EASY_VQA_TEMPLATES}
+    if _key(classnames) in built_in:
+        return list(built_in[_key(classnames)])
     return list(IMAGENET_TEMPLATES)
 
 
@@ -145,7 +154,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved CLIP directory (e.g. runs/clip/model)")
     parser.add_argument("--data", required=True, help="labelled dataset path")
     parser.add_argument("--classnames", required=True,
-                        help="fashion-mnist, imagenet, or a file with one class name per line (label order)")
+                        help="fashion-mnist, easy-vqa, imagenet, or a file with one class name per line (label order)")
     parser.add_argument("--templates", default=None, help="file with one prompt template per line ('a photo of a {}.')")
     add_labelled_data_arguments(parser)
 

@@ -75,6 +75,24 @@ def test_class_names_and_templates(tmp_path):
         load_classnames(str(tmp_path / "missing.txt"))
 
 
+def test_easy_vqa_class_names_follow_the_exported_folders_label_order(tmp_path):
+    """``--classnames easy-vqa`` must name label i of the export's classes/ folder (sorted folder
+    names, as the image-folder reader numbers them) for every i."""
+    from PIL import Image
+
+    from defocus_vlm.data.classification import open_source
+    from defocus_vlm.data.easy_vqa import class_folder
+    from defocus_vlm.data.pairs import EASY_VQA_TEMPLATES
+
+    names = load_classnames("easy-vqa")
+    assert len(set(names)) == 24 and "blue circle" in names
+    for name in names:
+        (tmp_path / "val" / class_folder(name)).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "val" / class_folder(name) / "0.png")
+    assert open_source("imagefolder", tmp_path, "val").classes == [class_folder(n) for n in names]
+    assert load_templates(None, "easy_vqa") == EASY_VQA_TEMPLATES
+
+
 def test_cli_reports_bad_models_in_one_line(tmp_path, capsys):
     from conftest import tiny_config
 

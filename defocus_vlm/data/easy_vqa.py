@@ -98,13 +98,25 @@ def _records(split: str, rows: list, instruction: str, group: bool) -> list[dict
             for image_id, qa in by_image.items()]
 
 
+def class_folder(phrase: str) -> str:
+    """The image-folder class of a colour-shape phrase: "blue circle" -> ``blue_circle``."""
+    return phrase.replace(" ", "_")
+
+
+def class_names() -> list[str]:
+    """The 24 colour-shape phrases in the label order of the ``classes/`` export (sorted folder names),
+    for zero-shot classification of that folder (``eval zeroshot --classnames easy-vqa``)."""
+    phrases = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    return sorted(phrases, key=class_folder)
+
+
 def _write_classes(root: Path, rows: list, image_dir: Path) -> None:
     """Image-folder layout ``root/<colour>_<shape>/<id>.png`` of the images whose colour and shape
     the questions pin down (:func:`easy_vqa_phrases`)."""
     phrases = easy_vqa_phrases(*zip(*rows)) if rows else {}
     for image_id, phrase in phrases.items():
         if is_colour_and_shape(phrase):
-            folder = root / phrase.replace(" ", "_")
+            folder = root / class_folder(phrase)
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(image_dir / f"{image_id}.png", folder / f"{image_id}.png")
 
