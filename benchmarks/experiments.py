@@ -15,9 +15,9 @@ Chains (a stage-1 tower, then stage 3 on it, then its evaluation): a group may s
 (``none``: no training, evaluations only) and ``budget`` (added after the plan's); ``{out:ROW}`` in a
 row's ``set`` is ROW's output directory at the same seed, and the run waits until ROW is done (a
 failed ROW fails it). A group's ``evals`` (name -> a defocus-vlm command line, ``{out}`` standing for
-the run's directory) run after its training, each with ``--output-dir OUT/NAME`` added; a run is done
-when its ``metrics.json`` (with training) and every ``OUT/NAME/metrics.json`` exist, and the results
-JSON carries their numbers as ``NAME.<key>``."""
+the run's directory, nested lists spliced in; a row's own ``evals`` add to them) run after its
+training, each with ``--output-dir OUT/NAME`` added. A run is done when its ``metrics.json`` (if it
+trains) and every ``OUT/NAME/metrics.json`` exist; the results JSON has their numbers as ``NAME.<key>``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ CLI = str(ROOT / ".venv" / "bin" / "defocus-vlm")
 
 OUT_REF = re.compile(r"\{out:([^}]+)\}")  # {out:ROW}: ROW's output directory at the same seed
 NO_TRAINING = "none"  # a group's stage when its rows only run evaluations
+POLL_S = 5.0  # seconds between looks at the running processes
 
 
 @dataclass
@@ -91,6 +92,11 @@ def load_plan(path: Path) -> dict:
     return plan
 
 
+def flatten(args: list) -> list:
+    """A command line with nested lists (a YAML alias shared by several commands) spliced in."""
+    return [a for arg in args for a in (flatten(arg) if isinstance(arg, list) else [arg])]
+
+
 def fill_paths(arg: str, root: Path, seed: int, out: Path) -> str:
     """``arg`` with ``{out:ROW}`` (ROW's directory at ``seed``) and ``{out}`` (``out``) written out."""
     arg = OUT_REF.sub(lambda ref: str((root / f"{ref[1]}-seed{seed}").relative_to(ROOT)), arg)
@@ -109,16 +115,13 @@ def plan_jobs(plan: dict, only: list[str] | None = None) -> list[Job]:
         for seed in group["seeds"]:
             for row, spec in group["rows"].items():
                 out = root / f"{row}-seed{seed}"
-
-                def fill(arg: str, seed: int = seed, out: Path = out) -> str:
-                    return fill_paths(arg, root, seed, out)
-
-                overrides = [fill(a) for a in spec.get("set", [])]
+                overrides = [fill_paths(a, root, seed, out) for a in spec.get("set", [])]
                 needs = [root / f"{ref}-seed{seed}" for a in spec.get("set", []) for ref in OUT_REF.findall(a)]
                 argv = None if stage == NO_TRAINING else [
                     "train", stage, "--config", spec["config"], *common, *overrides,
                     f"train.seed={seed}", f"train.output_dir={out.relative_to(ROOT)}"]
-                evals = {name: [fill(str(a)) for a in cmd] for name, cmd in group.get("evals", {}).items()}
+                evals = {name: [fill_paths(str(a), root, seed, out) for a in flatten(cmd)]
+                         for name, cmd in {**group.get("evals", {}), **spec.get("evals", {})}.items()}
                 jobs.append(Job(group["name"], row, seed, argv, out, evals, needs))
     return jobs
 
@@ -165,7 +168,7 @@ def run(jobs: list[Job], parallel: int, on_finish) -> int:
                 break
             pending.remove(job)
             running[job.name] = (job, start(job))
-        time.sleep(5)
+        time.sleep(POLL_S)
         for name, (job, proc) in list(running.items()):
             if proc.poll() is None:
                 continue

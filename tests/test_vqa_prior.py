@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+from defocus_vlm.eval.vqa_prior import PriorAnswerer, prior_answers
 
 from defocus_vlm.cli import main
 from defocus_vlm.data.vqa import VQASample, build_prompt
-from defocus_vlm.eval.vqa_prior import PriorAnswerer, prior_answers
 
 
 def _sample(qid: str, question: str, answer: str, qtype: str) -> VQASample:
