@@ -241,6 +241,20 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
             "groups": groups, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": summary, "runs": runs}
 
 
+def table(results: dict, keys: list[str]) -> str:
+    """A Markdown table: one line per row of ``results`` (from :func:`collect`), the mean +- std of each key."""
+    def cell(line: dict, key: str) -> str:
+        if key not in line:
+            return "-"
+        value = line[key]
+        return f"{value['mean']:.2f}" + (f" ± {value['std']:.2f}" if value["std"] is not None else "")
+
+    lines = ["| row | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += [f"| {line['row']} | {line['seeds']} | " + " | ".join(cell(line, k) for k in keys) + " |"
+              for line in results["rows"]]
+    return "\n".join(lines)
+
+
 def write_results(plan: dict, jobs: list[Job]) -> None:
     path = ROOT / plan["results"]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,8 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only these groups")
     parser.add_argument("--collect", action="store_true", help="only (re)write the results JSON")
     parser.add_argument("--list", action="store_true", help="print each run's state and command")
+    parser.add_argument("--table", nargs="+", metavar="KEY",
+                        help="print the results JSON's rows as a Markdown table of these keys (mean +- std)")
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
+    if args.table:
+        print(table(json.loads((ROOT / plan["results"]).read_text()), args.table))
+        return 0
     jobs = plan_jobs(plan, args.only)
     if args.list:
         for job in unique(jobs):
