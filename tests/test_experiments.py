@@ -120,3 +120,23 @@ def test_a_trained_run_only_evaluates(root):
     (root / "runs/chain/objects-a-seed0/metrics.json").write_text("{}")
     assert experiments.run([job], parallel=1, on_finish=lambda: None) == 0
     assert (root / "calls.txt").read_text().split() [:2] == ["eval", "vqa"] and job.done
+
+
+@pytest.mark.parametrize("plan_file", sorted((ROOT / "benchmarks" / "plans").glob("*.yaml")), ids=lambda p: p.stem)
+def test_committed_plans_parse_and_their_configs_load(plan_file):
+    """Every run of a committed plan: its commands parse with today's CLI, its config + overrides load,
+    and every run it waits for is in the plan."""
+    from defocus_vlm.training.config import load_config
+
+    from defocus_vlm.cli import build_parser
+
+    jobs = experiments.plan_jobs(experiments.load_plan(plan_file))
+    outs = {j.out for j in jobs}
+    parser = build_parser()
+    for job in jobs:
+        assert set(job.needs) <= outs, job.name
+        for argv in ([job.argv] if job.argv else []) + [job.eval_argv(n) for n in job.evals]:
+            args = parser.parse_args(argv)
+            if args.command == "train":
+                config_file, *more = args.config
+                load_config(config_file, list(args.overrides) + more, stage=args.stage)
