@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from defocus_vlm.encoders.presets import list_presets
 
+from .build import build_vlm
 from .configuration_clip import DefocusCLIPConfig
 from .configuration_defocus import DefocusVisionConfig
 from .configuration_vlm import DefocusVLMConfig
@@ -19,7 +20,7 @@ from .modeling_defocus import (
     DefocusVisionForImageClassification,
     DefocusVisionModel,
 )
-from .modeling_vlm import DefocusVLMForConditionalGeneration, DefocusVLMOutput, build_vlm
+from .modeling_vlm import DefocusVLMForConditionalGeneration, DefocusVLMOutput
 from .processing_clip import DefocusCLIPProcessor
 from .processing_vlm import DefocusVLMProcessor
 from .registration import register_all

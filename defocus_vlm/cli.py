@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config-reference": ("config_reference", "print every config field with its default and meaning (Markdown)"),
     "analyze": ("analyze", "over-focus diagnostics: attention, receptive-field and gradient maps per layer"),
     "data": ("data", "prepare data sets as LLaVA JSON + images: easy-vqa | shapes-vqa --output-dir DIR"),
-    "merge-lora": ("merge_lora", "fold a LoRA adapter into its VLM: defocus-vlm merge-lora --model DIR --out DIR"),
+    "merge-lora": ("merge_lora", "fold a LoRA adapter into its VLM: merge-lora --model DIR --output-dir DIR"),
 }
 
 

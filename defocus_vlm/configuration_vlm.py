@@ -11,17 +11,6 @@ PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 FEATURE_SELECTS = ("all", "patches", "cls")
 
 
-def num_image_tokens(height: int, width: int, patch_size: int, vision_feature_select: str,
-                     has_class_token: bool) -> int:
-    """How many LLM tokens one ``height x width`` image becomes (the processor and the model agree on it)."""
-    patches = (height // patch_size) * (width // patch_size)
-    if vision_feature_select == "cls":
-        return 1
-    if vision_feature_select == "patches":
-        return patches
-    return patches + int(has_class_token)
-
-
 def _text_config(value: PretrainedConfig | dict | None) -> PretrainedConfig:
     if isinstance(value, PretrainedConfig):
         return value
@@ -96,8 +85,10 @@ class DefocusVLMConfig(PretrainedConfig):
         return self.vision_config.cls_position != "none"
 
     def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
-        """LLM tokens per image of ``height x width`` pixels (default: the encoder's ``img_size``)."""
-        height = height or self.vision_config.img_size
-        width = width or self.vision_config.img_size
-        return num_image_tokens(height, width, self.vision_config.patch_size, self.vision_feature_select,
-                                self.has_class_token)
+        """LLM tokens per image of ``height x width`` pixels (default: the encoder's ``img_size``): the one place the
+        image-token layout is computed; the processor expands each placeholder to this many tokens and the model
+        checks its inputs against it."""
+        if self.vision_feature_select == "cls":
+            return 1
+        tokens = self.vision_config.encoder_config().num_tokens(height, width)
+        return tokens - int(self.has_class_token) if self.vision_feature_select == "patches" else tokens

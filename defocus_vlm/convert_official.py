@@ -31,6 +31,7 @@ import torch
 
 from .configuration_defocus import DefocusVisionConfig
 from .modeling_defocus import DefocusVisionForImageClassification
+from .user_files import existing_file
 
 PREFIX = "defocus.encoder."
 DOCS = "docs/official_checkpoints.md"
@@ -99,11 +100,7 @@ def _plain(value):
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The top-level object of an official ``.pth`` file, read without running code from it."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, expected an official checkpoint file (.pth)")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (expected an official checkpoint file, .pth)")
+    path = existing_file(path, "an official checkpoint file (.pth)", CheckpointError, missing=FileNotFoundError)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
     except _RefusedGlobal as err:

@@ -4,11 +4,12 @@ with one clear error for what cannot be used."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from .user_files import existing_file
 
 MAX_PIXELS = 178_956_970  # PIL's own decompression-bomb limit, made explicit
 
@@ -18,11 +19,7 @@ class ImageError(ValueError):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    path = Path(path)
-    if path.is_dir():
-        raise ImageError(f"{path} is a directory, expected an image file")
-    if not path.is_file():
-        raise ImageError(f"image not found: {path}")
+    path = existing_file(path, "an image file", ImageError)
     try:
         with Image.open(path) as img:
             w, h = img.size

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     MambaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -101,6 +103,13 @@ def _from_pretrained(loader, name_or_path: str | os.PathLike, **kwargs):
 def load_llm(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs) -> PreTrainedModel:
     """Any causal LM: a local directory, a hub name (if reachable or cached) or ``smollm2-135m-instruct``."""
     return _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype, **kwargs)
+
+
+def load_llm_config(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PretrainedConfig:
+    """The config of the model :func:`load_llm` loads (no weights are read), with the dtype it loads them in."""
+    config = _from_pretrained(AutoConfig, name_or_path)
+    config.dtype = dtype  # a model built from the config (AutoModelForCausalLM.from_config) takes this dtype
+    return config
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedTokenizerBase:

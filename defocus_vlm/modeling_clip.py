@@ -22,7 +22,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_clip import DefocusCLIPConfig
 from .modeling_defocus import DefocusVisionModel
-from .remote_code import write_remote_code
+from .remote_code import RemoteCodeMixin
 
 
 @dataclass
@@ -59,7 +59,7 @@ def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: st
     raise ValueError(f"unknown text pooling {how!r}; expected last, mean or first")
 
 
-class DefocusCLIPPreTrainedModel(PreTrainedModel):
+class DefocusCLIPPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     config_class = DefocusCLIPConfig
     base_model_prefix = "defocus_clip"
     main_input_name = "input_ids"
@@ -202,14 +202,9 @@ class DefocusCLIPModel(DefocusCLIPPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            write_remote_code(save_directory, {
-                "AutoConfig": "DefocusCLIPConfig",
-                "AutoModel": "DefocusCLIPModel",
-                "AutoProcessor": "DefocusCLIPProcessor",
-            }, "config.json")
+    def remote_auto_map(self) -> dict[str, str]:
+        return {"AutoConfig": "DefocusCLIPConfig", "AutoModel": "DefocusCLIPModel",
+                "AutoProcessor": "DefocusCLIPProcessor"}
 
 
 def load_clip(model_dir: str | os.PathLike) -> DefocusCLIPModel:

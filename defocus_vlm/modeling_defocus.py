@@ -18,7 +18,7 @@ from defocus_vlm.encoders.config import EncoderConfig
 from defocus_vlm.encoders.model import DefocusEncoder, init_module
 
 from .configuration_defocus import DefocusVisionConfig
-from .remote_code import write_remote_code
+from .remote_code import RemoteCodeMixin
 
 # transformers' attention implementations -> the vit mixer's attention kernel. "sdpa" (transformers' default)
 # keeps the fused automatic choice (PyTorch SDPA, or FlexAttention on CUDA when the decay is on); "eager" is the
@@ -52,7 +52,7 @@ def checkpointing_layer(cfg: EncoderConfig) -> nn.Module:
     return DefocusMambaLayer(cfg) if cfg.mixer == "mamba" else DefocusTransformerLayer(cfg)
 
 
-class DefocusPreTrainedModel(PreTrainedModel):
+class DefocusPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     config_class = DefocusVisionConfig
     base_model_prefix = "defocus"
     main_input_name = "pixel_values"
@@ -82,17 +82,15 @@ class DefocusPreTrainedModel(PreTrainedModel):
     def _attention_backend(self) -> str:
         return ATTENTION_BACKENDS.get(self.config._attn_implementation, "auto")
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            write_remote_code(save_directory, {
-                "AutoConfig": "DefocusVisionConfig",
-                "AutoModel": "DefocusVisionModel",
-                "AutoModelForImageClassification": "DefocusVisionForImageClassification",
-                # Kept here, not in preprocessor_config.json: an image-processor auto_map makes
-                # transformers look for a remote *video* processor and prompt in pipelines.
-                "AutoImageProcessor": "DefocusImageProcessor",
-            }, "config.json")
+    def remote_auto_map(self) -> dict[str, str]:
+        return {
+            "AutoConfig": "DefocusVisionConfig",
+            "AutoModel": "DefocusVisionModel",
+            "AutoModelForImageClassification": "DefocusVisionForImageClassification",
+            # Kept here, not in preprocessor_config.json: an image-processor auto_map makes
+            # transformers look for a remote *video* processor and prompt in pipelines.
+            "AutoImageProcessor": "DefocusImageProcessor",
+        }
 
 
 class DefocusVisionModel(DefocusPreTrainedModel):
@@ -129,10 +127,25 @@ class DefocusVisionModel(DefocusPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=pooled, hidden_states=hidden,
                                           attentions=attentions)
 
-    def stream(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
-        """Yield ``last_hidden_state`` chunk by chunk (causal presets only); the last chunk ends
-        with the class token. Concatenated, the chunks equal the one-shot output."""
-        return self.encoder.stream(pixel_values, chunk_size)
+    def stream(self, pixel_values: torch.Tensor, chunk_size: int, layer: int = -1) -> Iterator[torch.Tensor]:
+        """Yield the tokens of ``layer``, ``chunk_size`` encoder tokens at a time (causal presets only); the last
+        chunk ends with the class token (``cls_position="end"``). Concatenated, the chunks equal the one-shot output,
+        and each chunk depends only on the pixels of its patches and those before it.
+
+        layer: -1 (default) ``last_hidden_state``; any other value indexes ``hidden_states`` of
+        ``forward(output_hidden_states=True)`` (0 = the patch embeddings, k = the output of block k, before the final
+        norm; negative values count from the end). Malformed input is refused when ``stream`` is called."""
+        return self.encoder.stream(pixel_values, chunk_size, layer)
+
+    def num_tokens(self, height: int | None = None, width: int | None = None) -> int:
+        """Tokens of a ``height x width`` image (default ``config.img_size``): its patches plus the class token."""
+        return self.encoder.num_tokens(height, width)
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        """Raise one clear ValueError for input this model cannot take (not (B, C, H, W), the wrong number of channels,
+        a size that is not a multiple of the patch size, NaN or infinite values: the value check runs in eager calls
+        only)."""
+        self.encoder.check_pixels(pixel_values)
 
 
 def _head(config: DefocusVisionConfig) -> nn.Module:

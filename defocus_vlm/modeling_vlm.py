@@ -10,24 +10,20 @@ forward.
 
 from __future__ import annotations
 
-import copy
 import inspect
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from defocus_vlm.encoders.model import EncoderState
-
 from .compat import CACHE_NAME, cache_argument, cache_of, merge_cache_arguments
-from .configuration_defocus import DefocusVisionConfig
 from .configuration_vlm import DefocusVLMConfig
 from .modeling_defocus import DefocusVisionModel
 from .remote_code import write_remote_code
@@ -42,6 +38,8 @@ _STEPWISE_CONTINUATION_MODEL_TYPES = frozenset({"mamba", "falcon_mamba"})
 @dataclass
 class DefocusVLMOutput(ModelOutput):
     """loss: next-token cross-entropy from ``labels`` (or pre-shifted ``shift_labels``; image positions ignored).
+    logits: every position's, the last ``logits_to_keep``, or with labels only those of the positions that predict a
+    trained token (see ``forward``).
     image_hidden_states: the projected image tokens (num_images, tokens_per_image, hidden) of a one-shot forward.
     image_outputs: what :meth:`~DefocusVLMForConditionalGeneration.get_image_features` returned (the encoder's
     ``last_hidden_state``, ``hidden_states`` and ``attentions`` when asked, the projected tokens as
@@ -193,23 +191,13 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
             out.hidden_states = None  # asked for by vision_feature_layer only
         return out
 
-    def _stream_encoder(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
-        if self.config.vision_feature_layer == -1:
-            yield from self.vision_tower.stream(pixel_values, chunk_size)
-            return
-        # An intermediate layer: run the blocks chunk by chunk and keep that layer's output.
-        encoder = self.vision_tower.encoder
-        tokens, state = encoder.embed(pixel_values), EncoderState()
-        for start in range(0, tokens.shape[1], chunk_size):
-            out = encoder.forward_tokens(tokens[:, start:start + chunk_size], output_hidden_states=True, state=state)
-            yield out.hidden_states[self.config.vision_feature_layer]
-
     def stream_image_features(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
-        """Projected image tokens chunk by chunk (encoder streaming mode); concatenated they equal
-        :meth:`get_image_features`. Chunks left empty by the token selection are skipped."""
-        total = self.vision_tower.encoder.num_tokens(*pixel_values.shape[-2:])
+        """Projected image tokens chunk by chunk (the vision tower's :meth:`~DefocusVisionModel.stream` of
+        ``vision_feature_layer``); concatenated they equal :meth:`get_image_features`. Chunks left empty by the token
+        selection are skipped."""
+        total = self.vision_tower.num_tokens(*pixel_values.shape[-2:])
         start = 0
-        for hidden in self._stream_encoder(pixel_values, chunk_size):
+        for hidden in self.vision_tower.stream(pixel_values, chunk_size, layer=self.config.vision_feature_layer):
             tokens = self._select_tokens(hidden, start, total)
             start += hidden.shape[1]
             if tokens.shape[1]:
@@ -230,7 +218,7 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         """Where the image tokens go, after checking that placeholders and images agree. The counts are data, so
         traced code (torch.export, torch.compile) skips that check: it runs in eager calls only."""
         mask = self._placeholder_mask(input_ids, inputs_embeds)
-        self.vision_tower.encoder.check_pixels(pixel_values)
+        self.vision_tower.check_pixels(pixel_values)
         if torch.compiler.is_compiling():
             return mask
         per_image = self.config.num_image_tokens(*pixel_values.shape[-2:])
@@ -276,7 +264,12 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
     ) -> DefocusVLMOutput:
         """labels: next-token targets aligned with the inputs (shifted inside, -100 ignored); ``shift_labels``
         (in ``kwargs``, as transformers' sequence-parallel training passes them): targets already aligned with the
-        logits, used instead of ``labels``. Targets that are the image token are ignored either way.
+        logits, used instead of ``labels``. Targets that are the image token are ignored either way. With targets,
+        the language model's head runs only at the positions where some sample of the batch has a trained next
+        token (as ``logits_to_keep`` given as those positions would): ``logits`` are (batch, K, vocab) for those K
+        positions in order, and the loss equals the loss of the full logits (traced code, whose shapes cannot depend
+        on data, keeps every position). Call without labels for the logits of every position; ``logits_to_keep``
+        cannot be combined with labels.
         inputs_embeds: instead of ``input_ids``, also with ``pixel_values`` (the placeholders are the positions that
         hold the image token's embedding, as in LLaVA). image_chunk_size: pre-fill with the streaming path
         (:meth:`prefill_image_stream`) instead of one shot; inference only, from ``input_ids``. cache: the language
@@ -307,21 +300,38 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
               and not cache_holds_tokens(cache) and bool((input_ids == self.config.image_token_id).any())):
             raise ValueError("input_ids hold image tokens but no pixel_values were given")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        shift_labels = kwargs.pop("shift_labels", None)
+        targets = self._next_token_targets(labels, kwargs.pop("shift_labels", None))
+        if targets is not None:
+            if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep:
+                raise ValueError("logits_to_keep is chosen from the labels when labels are given; pass one of them")
+            if not torch.compiler.is_compiling():  # the positions are data: traced code keeps every logit
+                # The head runs only where some sample trains the next token: with a large vocabulary the logits of
+                # the image and prompt tokens are most of a step's memory, and their targets are all ignored anyway.
+                logits_to_keep = targets.ne(-100).any(0).nonzero().squeeze(1).to(inputs_embeds.device)
+                targets = targets[:, logits_to_keep.to(targets.device)]
         out = self._run_language_model(inputs_embeds, attention_mask, position_ids, cache, use_cache,
                                        logits_to_keep, **kwargs)
         loss = None
-        if labels is not None or shift_labels is not None:
-            if self.config.image_token_id is not None:  # an image placeholder is never a target
-                labels, shift_labels = (None if t is None else t.masked_fill(t == self.config.image_token_id, -100)
-                                        for t in (labels, shift_labels))
-            loss = ForCausalLMLoss(out.logits, labels, vocab_size=out.logits.shape[-1],
-                                   num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
+        if targets is not None:  # at least float32, as transformers' causal LMs compute it (float64 stays float64)
+            logits = out.logits if out.logits.dtype == torch.float64 else out.logits.float()
+            loss = fixed_cross_entropy(logits.flatten(0, 1), targets.flatten().to(logits.device), num_items_in_batch)
         return DefocusVLMOutput(loss=loss, logits=out.logits, **{CACHE_NAME: cache_of(out)},
                                 hidden_states=getattr(out, "hidden_states", None),
                                 attentions=getattr(out, "attentions", None),
                                 image_hidden_states=None if image_outputs is None else image_outputs.pooler_output,
                                 image_outputs=image_outputs)
+
+    def _next_token_targets(self, labels: torch.Tensor | None, shift_labels: torch.Tensor | None
+                            ) -> torch.Tensor | None:
+        """The target of each position's next token (B, L), -100 where none is trained: ``shift_labels`` as given,
+        else ``labels`` shifted left. An image placeholder is never a target."""
+        if shift_labels is None:
+            if labels is None:
+                return None
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        if self.config.image_token_id is None:
+            return shift_labels
+        return shift_labels.masked_fill(shift_labels == self.config.image_token_id, -100)
 
     def _image_output_options(self, kwargs: dict) -> dict:
         """What a forward's ``output_hidden_states`` / ``output_attentions`` ask of the image tower too; attention
@@ -439,78 +449,3 @@ class _CachePrefill:
 
     def logits(self) -> torch.Tensor:
         return torch.cat(self._logits, dim=1)
-
-
-def build_vlm(
-    vision: str | os.PathLike | DefocusVisionConfig | DefocusVisionModel,
-    language_model: str | os.PathLike | PreTrainedModel,
-    tokenizer=None,
-    image_processor=None,
-    **config_kwargs,
-):
-    """A new VLM and its processor from an encoder and a causal LM.
-
-    vision: a preset name (``"defocus_mamba_small"``), an encoder directory, a config or a model
-        (pretrained weights are kept). language_model: a name/path for :func:`defocus_vlm.llm.load_llm`
-        (``"smollm2-135m-instruct"`` works offline; its tokenizer is loaded too) or a model (then give
-        ``tokenizer``). The image token is added to the tokenizer (embeddings resized if it grew).
-    config_kwargs: other :class:`DefocusVLMConfig` fields (projector_type, vision_feature_select, ...).
-    Returns ``(model, processor)``.
-    """
-    from .llm import load_llm, load_tokenizer
-    from .processing_vlm import DefocusVLMProcessor, add_image_token
-
-    vision_model = None
-    if isinstance(vision, DefocusVisionModel):
-        vision_model, vision_config = vision, vision.config
-    elif isinstance(vision, DefocusVisionConfig):
-        vision_config = vision
-    elif os.path.isdir(vision):
-        vision_model = DefocusVisionModel.from_pretrained(vision)
-        vision_config = vision_model.config
-    else:
-        vision_config = DefocusVisionConfig.from_preset(str(vision))
-    if not isinstance(language_model, PreTrainedModel):
-        tokenizer = tokenizer or load_tokenizer(language_model)
-        language_model = load_llm(language_model)
-    if tokenizer is None:
-        raise ValueError("a language model given as a model needs its tokenizer: build_vlm(..., tokenizer=...)")
-    image_token_id = add_image_token(tokenizer)
-    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-        language_model.resize_token_embeddings(len(tokenizer))
-    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
-    config = DefocusVLMConfig(vision_config=copy.deepcopy(vision_config),
-                              text_config=copy.deepcopy(language_model.config), image_token_id=image_token_id,
-                              **config_kwargs)
-    model = DefocusVLMForConditionalGeneration(config)
-    model.language_model.load_state_dict(language_model.state_dict())
-    if vision_model is not None:
-        model.vision_tower.load_state_dict(vision_model.state_dict())
-    generation = model.generation_config
-    generation.bos_token_id = tokenizer.bos_token_id
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return model, DefocusVLMProcessor.from_config(config, tokenizer, image_processor)
-
-
-# Encoder overrides of tiny_vlm: 16 px images in 4 px patches (16 patches + class token), width 32, 2 blocks.
-TINY_VISION = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, d_state=8,
-                   dt_rank=8, group_norm_size=16)
-
-
-def tiny_vlm(text_model: str = "llama", vision_preset: str = "defocus_mamba_small",
-             vision_overrides: dict | None = None, text_overrides: dict | None = None, **config_kwargs):
-    """A tiny random VLM and its processor (character tokenizer) for tests, examples and smoke runs.
-
-    text_model: "llama" (attention, KV cache) or "mamba" (transformers' MambaForCausalLM: recurrent).
-    vision_overrides / text_overrides: fields of the tiny encoder / language model configs.
-    Returns ``(model, processor)`` like :func:`build_vlm`.
-    """
-    from .llm import build_char_tokenizer, tiny_llama_config, tiny_mamba_config
-
-    text_configs = {"llama": tiny_llama_config, "mamba": tiny_mamba_config}
-    if text_model not in text_configs:
-        raise ValueError(f"text_model must be one of {sorted(text_configs)}, got {text_model!r}")
-    vision = DefocusVisionConfig.from_preset(vision_preset, **{**TINY_VISION, **(vision_overrides or {})})
-    language_model = AutoModelForCausalLM.from_config(text_configs[text_model](**(text_overrides or {})))
-    return build_vlm(vision, language_model, tokenizer=build_char_tokenizer(), **config_kwargs)

@@ -1,26 +1,33 @@
 """Processor of the vision-language model: DefocusImageProcessor + a tokenizer + a chat template.
 
-Each image placeholder in the text becomes as many image tokens as the encoder gives for that
-image (patches, class token, or both: see ``DefocusVLMConfig.vision_feature_select``)."""
+Each image placeholder in the text becomes as many image tokens as the model's config gives for that image
+(:meth:`DefocusVLMConfig.num_image_tokens`, the one owner of the image-token layout): the processor holds that
+config; it never keeps copies of patch size or token selection."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
-from .configuration_vlm import DefocusVLMConfig, num_image_tokens
+from .configuration_defocus import DefocusVisionConfig
+from .configuration_vlm import DefocusVLMConfig
 from .constants import IMAGE_TOKEN
 from .image_io import load_image
 from .image_processing_defocus import DefocusImageProcessor
 
-DEFAULT_IMAGE_TOKEN = IMAGE_TOKEN
+# What processors saved before they read the model's config kept in processor_config.json.
+LEGACY_LAYOUT_KEYS = ("patch_size", "vision_feature_select", "has_class_token")
+# from_pretrained keywords that say where config.json is found (the hub, its cache, a revision).
+_HUB_KEYWORDS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
-def chatml_template(image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
+def chatml_template(image_token: str = IMAGE_TOKEN) -> str:
     """ChatML (SmolLM2's format) for messages whose content is a string or a list of typed parts
     ``{"type": "image"}`` / ``{"type": "text", "text": ...}``; an image part becomes ``image_token``."""
     return (
@@ -37,12 +44,38 @@ def chatml_template(image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
     )
 
 
-def add_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str = DEFAULT_IMAGE_TOKEN) -> int:
+def add_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str = IMAGE_TOKEN) -> int:
     """Make ``image_token`` one special token of ``tokenizer`` (added if missing); returns its id.
     Resize the language model's embeddings to ``len(tokenizer)`` afterwards if it grew."""
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
     return tokenizer.convert_tokens_to_ids(image_token)
+
+
+def legacy_layout_config(saved: dict) -> DefocusVLMConfig:
+    """A config that gives the image-token layout an old ``processor_config.json`` recorded (patch size, token
+    selection, class token): for a processor directory saved on its own, without its model's config.json."""
+    patch = int(saved["patch_size"])
+    size = saved.get("image_processor", {}).get("size")
+    img_size = size if isinstance(size, int) and size > 0 and size % patch == 0 else patch
+    vision = DefocusVisionConfig(patch_size=patch, img_size=img_size,
+                                 cls_position="end" if saved["has_class_token"] else "none")
+    return DefocusVLMConfig(vision_config=vision, vision_feature_select=saved["vision_feature_select"])
+
+
+def saved_config(path: str | os.PathLike, saved: dict, **hub_kwargs) -> DefocusVLMConfig:
+    """The VLM config a saved processor expands placeholders with: its model's ``config.json`` beside it, else (an
+    old processor saved alone) the layout its ``processor_config.json`` recorded."""
+    from transformers.utils import cached_file
+
+    # Asked for by name: from_pretrained of a directory without config.json gives a default config, not an error.
+    if cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs) is not None:
+        return DefocusVLMConfig.from_pretrained(path, **hub_kwargs)
+    if all(key in saved for key in LEGACY_LAYOUT_KEYS):
+        return legacy_layout_config(saved)
+    raise FileNotFoundError(f"{Path(path) / 'config.json'} not found: a DefocusVLMProcessor reads the image-token "
+                            "layout from its model's config; save the processor together with the model "
+                            "(model.save_pretrained(dir)), or build it with DefocusVLMProcessor.from_config")
 
 
 def _flat_images(images) -> list:
@@ -62,7 +95,9 @@ class DefocusVLMProcessor(ProcessorMixin):
     (all images of the batch in placeholder order); ``apply_chat_template`` accepts messages whose
     content lists ``{"type": "image", "image": ...}`` and ``{"type": "text", "text": ...}`` parts.
 
-    patch_size / vision_feature_select / has_class_token must match the model (use :meth:`from_config`).
+    config: the model's :class:`DefocusVLMConfig`; it decides how many tokens each placeholder becomes. Build the
+    processor with :meth:`from_config`, or load it from a saved model directory (``from_pretrained`` reads the
+    model's ``config.json``; directories written by earlier versions load too).
     """
 
     def __init__(
@@ -70,39 +105,50 @@ class DefocusVLMProcessor(ProcessorMixin):
         image_processor: DefocusImageProcessor | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         chat_template: str | None = None,
-        image_token: str = DEFAULT_IMAGE_TOKEN,
-        patch_size: int = 16,
-        vision_feature_select: str = "all",
-        has_class_token: bool = True,
+        image_token: str = IMAGE_TOKEN,
+        config: DefocusVLMConfig | None = None,
         **kwargs,
     ):
         if tokenizer is None or image_processor is None:
             raise ValueError("DefocusVLMProcessor needs both an image_processor and a tokenizer")
+        if not isinstance(config, DefocusVLMConfig):
+            raise ValueError("DefocusVLMProcessor needs the model's DefocusVLMConfig (it gives the image-token "
+                             "layout): use DefocusVLMProcessor.from_config(config, tokenizer) or load a saved model "
+                             f"directory, got config={type(config).__name__}")
         if image_token not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer has no {image_token!r} token; call "
                              "defocus_vlm.processing_vlm.add_image_token(tokenizer) first (and resize the "
                              "language model's embeddings)")
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.patch_size = patch_size
-        self.vision_feature_select = vision_feature_select
-        self.has_class_token = has_class_token
+        if config.image_token_id is not None and self.image_token_id != config.image_token_id:
+            raise ValueError(f"the tokenizer's {image_token!r} has id {self.image_token_id}, but the model config "
+                             f"expects image_token_id {config.image_token_id}")
+        # Not an __init__ argument's name, so save_pretrained never writes it: config.json is its one copy.
+        self.vlm_config = config
         super().__init__(image_processor, tokenizer, chat_template=chat_template or chatml_template(image_token),
                          **kwargs)
 
     @classmethod
     def from_config(cls, config: DefocusVLMConfig, tokenizer: PreTrainedTokenizerBase,
                     image_processor: DefocusImageProcessor | None = None, **kwargs) -> DefocusVLMProcessor:
-        """A processor that matches ``config`` (its image size, patch size, token selection and image token)."""
+        """The processor of a model with ``config``; the default image processor gives the encoder's image size
+        and channels."""
         vision = config.vision_config
         image_processor = image_processor or DefocusImageProcessor(size=vision.img_size, num_channels=vision.in_chans)
-        processor = cls(image_processor, tokenizer, patch_size=vision.patch_size,
-                        vision_feature_select=config.vision_feature_select,
-                        has_class_token=config.has_class_token, **kwargs)
-        if config.image_token_id is not None and processor.image_token_id != config.image_token_id:
-            raise ValueError(f"the tokenizer's {processor.image_token!r} has id {processor.image_token_id}, but the "
-                             f"model config expects image_token_id {config.image_token_id}")
-        return processor
+        return cls(image_processor, tokenizer, config=config, **kwargs)
+
+    @classmethod
+    def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """transformers' reading of ``processor_config.json``, plus the model's config as ``config`` (the layout
+        copies older versions saved there are dropped: the model's config.json is what the model runs with)."""
+        processor_dict, rest = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        saved = dict(processor_dict)
+        for key in LEGACY_LAYOUT_KEYS:
+            processor_dict.pop(key, None)
+        hub = {key: kwargs[key] for key in _HUB_KEYWORDS if kwargs.get(key) is not None}
+        processor_dict["config"] = saved_config(pretrained_model_name_or_path, saved, **hub)
+        return processor_dict, rest
 
     def __call__(self, images=None, text=None, **kwargs):
         # DefocusImageProcessor takes a flat list; chat templates give one list of images per conversation.
@@ -115,10 +161,24 @@ class DefocusVLMProcessor(ProcessorMixin):
                                  f"{len(images or [])} images were given; they must match one to one")
         return super().__call__(images=images, text=text, **kwargs)
 
-    def num_image_tokens(self, height: int, width: int) -> int:
-        return num_image_tokens(height, width, self.patch_size, self.vision_feature_select, self.has_class_token)
+    def num_image_tokens(self, height: int | None = None, width: int | None = None) -> int:
+        """Tokens of one image of ``height x width`` pixels (default: the image processor's output size), as the
+        model's config gives them."""
+        size = self.image_processor.size
+        return self.vlm_config.num_image_tokens(height or size, width or size)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """transformers' hook: the text that replaces the ``image_idx``-th placeholder."""
         height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
         return self.image_token * self.num_image_tokens(int(height), int(width))
+
+    def expand_image_tokens(self, input_ids: Sequence[int], *aligned: Sequence[int],
+                            image_size: tuple[int, int] | None = None) -> tuple[np.ndarray, ...]:
+        """The placeholder expansion of ``__call__`` on token ids: each image token of ``input_ids`` repeated to the
+        token count of an image of ``image_size`` (default: the image processor's output size), and every
+        ``aligned`` sequence (labels, masks) repeated with it. Returns ``(input_ids, *aligned)`` as int64 arrays.
+        (A placeholder is one special token, so expanding before or after tokenising gives the same ids.)"""
+        ids = np.asarray(input_ids, np.int64)
+        per_image = self.num_image_tokens(*(image_size or ()))
+        repeats = np.where(ids == self.image_token_id, per_image, 1)
+        return tuple(np.repeat(np.asarray(values, np.int64), repeats) for values in (ids, *aligned))

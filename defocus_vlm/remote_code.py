@@ -29,3 +29,17 @@ def write_remote_code(save_dir: str | os.PathLike, auto_map: dict[str, str], con
     data = json.loads(path.read_text())
     data["auto_map"] = {auto: f"{SHIM[:-3]}.{name}" for auto, name in auto_map.items()}
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class RemoteCodeMixin:
+    """For a ``PreTrainedModel`` (listed before it in the bases): ``save_pretrained`` also writes the
+    shim and the ``auto_map`` of :meth:`remote_auto_map` into config.json (on the main process)."""
+
+    def remote_auto_map(self) -> dict[str, str]:
+        """Auto class -> class name of this package, for config.json's ``auto_map``."""
+        raise NotImplementedError
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_remote_code(save_directory, self.remote_auto_map(), "config.json")

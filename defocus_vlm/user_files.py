@@ -23,13 +23,21 @@ class UserFileError(ValueError):
     """A file or folder given by the user that cannot be used: names it and what was expected."""
 
 
-def read_text(path: str | os.PathLike, expected: str) -> str:
-    """The text of ``path`` decoded as UTF-8; ``expected`` says what the file should be (for the message)."""
+def existing_file(path: str | os.PathLike, expected: str, error: type[Exception] = UserFileError,
+                  missing: type[Exception] | None = None) -> Path:
+    """``path`` when it is a file; else ``error`` (``missing`` for a path that does not exist, when
+    given) naming it and ``expected``, what the file should be."""
     path = Path(path)
     if path.is_dir():
-        raise UserFileError(f"{path} is a directory, expected {expected}")
+        raise error(f"{path} is a directory, expected {expected}")
     if not path.is_file():
-        raise UserFileError(f"{path} not found, expected {expected}")
+        raise (missing or error)(f"{path} not found, expected {expected}")
+    return path
+
+
+def read_text(path: str | os.PathLike, expected: str) -> str:
+    """The text of ``path`` decoded as UTF-8; ``expected`` says what the file should be (for the message)."""
+    path = existing_file(path, expected)
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")  # a BOM from spreadsheet exports is not part of the first column name

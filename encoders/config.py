@@ -76,6 +76,11 @@ class EncoderConfig:
     def grid_size(self) -> tuple[int, int]:
         return self.img_size // self.patch_size, self.img_size // self.patch_size
 
+    def num_tokens(self, height: int | None = None, width: int | None = None) -> int:
+        """Encoder tokens of a ``height x width`` image (default ``img_size``): its patches plus the class token."""
+        height, width = height or self.img_size, width or self.img_size
+        return (height // self.patch_size) * (width // self.patch_size) + (self.cls_position != "none")
+
     def validate(self) -> None:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)

@@ -83,9 +83,8 @@ class DefocusEncoder(nn.Module):
         if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or infinite values")
 
-    def num_tokens(self, height: int, width: int) -> int:
-        p = self.cfg.patch_size
-        return (height // p) * (width // p) + (self.cls_token is not None)
+    def num_tokens(self, height: int | None = None, width: int | None = None) -> int:
+        return self.cfg.num_tokens(height, width)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Token sequence (B, L, D): patches in raster order with the class token placed."""
@@ -170,18 +169,32 @@ class DefocusEncoder(nn.Module):
         return tokens[:, :-1] if pos == "end" else tokens[:, 1:] if pos == "start" else tokens
 
     # ------------------------------------------------------------------ streaming
-    def stream(self, pixel_values: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
-        """Yield final hidden states chunk by chunk; their concatenation equals ``forward``."""
+    def check_layer(self, layer: int) -> None:
+        """``layer`` as :meth:`stream` takes it: -1 (the output) or an index of ``hidden_states``."""
+        depth = len(self.blocks)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -(depth + 1) <= layer <= depth:
+            raise ValueError(f"layer must be an integer in [{-(depth + 1)}, {depth}] for an encoder of depth {depth}, "
+                             f"got {layer!r}")
+
+    def stream(self, pixel_values: torch.Tensor, chunk_size: int, layer: int = -1) -> Iterator[torch.Tensor]:
+        """Yield the tokens of ``layer`` chunk by chunk; their concatenation equals the one-shot forward's.
+
+        layer: -1 (default) the output, ``last_hidden_state`` after the final norm; any other value indexes
+        ``hidden_states`` as ``forward(output_hidden_states=True)`` returns them (0 = the embeddings, k = the output
+        of block k, negative values count from the end)."""
         if not self.cfg.causal:
             raise ValueError("streaming needs a causal encoder; this one is non-causal (causal=False)")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return self._stream_chunks(self.embed(pixel_values), chunk_size)  # errors above are raised at call time
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.check_layer(layer)
+        return self._stream_chunks(self.embed(pixel_values), chunk_size, layer)  # errors above are raised at call time
 
-    def _stream_chunks(self, tokens: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
+    def _stream_chunks(self, tokens: torch.Tensor, chunk_size: int, layer: int) -> Iterator[torch.Tensor]:
         state = EncoderState()
         for start in range(0, tokens.shape[1], chunk_size):
-            yield self.forward_tokens(tokens[:, start:start + chunk_size], state=state).last_hidden_state
+            out = self.forward_tokens(tokens[:, start:start + chunk_size], state=state,
+                                      output_hidden_states=layer != -1)
+            yield out.last_hidden_state if layer == -1 else out.hidden_states[layer]
 
 
 def init_module(module: nn.Module) -> None:

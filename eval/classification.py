@@ -143,17 +143,23 @@ def write_json(results: dict, path: str | Path | None) -> str:
     return text
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, items: str) -> None:
+    """Options of every evaluation that batches a dataset: loader sizes, a limit on the ``items``
+    evaluated, the JSON output file and the device."""
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=0, help=f"evaluate only the first N {items}")
+    add_output_file(parser)
+    add_device(parser)
+
+
 def add_labelled_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of every evaluation over a labelled image dataset (classification, zero-shot)."""
     parser.add_argument("--split", default="val", help="split (default: val)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--source", default="auto", choices=["auto", "fashion_mnist", "imagefolder", "hf"])
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--label-column", default="label")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples")
-    add_output_file(parser)
-    add_device(parser)
+    add_run_arguments(parser, "samples")
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

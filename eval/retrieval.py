@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from defocus_vlm.cli_options import add_device, add_output_file
-
-from .classification import write_json
+from .classification import add_run_arguments, write_json
 
 
 def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, int]:
@@ -134,13 +132,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "directory, or easy-vqa")
     parser.add_argument("--source", default="auto", choices=list(PAIR_SOURCES))
     parser.add_argument("--split", default="test", help="split of built-in / datasets sources (default: test)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--caption-column", default="caption")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N pairs")
-    add_output_file(parser)
-    add_device(parser)
+    add_run_arguments(parser, "pairs")
 
 
 def run_cli(args: argparse.Namespace) -> int:

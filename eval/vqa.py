@@ -18,15 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
 from tqdm.auto import tqdm
 
-from defocus_vlm.cli_options import add_device
+from defocus_vlm.cli_options import add_device, add_output_dir
 from defocus_vlm.data.vqa import BENCHMARKS, VQASample, build_prompt, get_benchmark, read_benchmark
 from defocus_vlm.inference import VLMAnswerer
+from defocus_vlm.run_lock import RunLock
 
 from .vqa_metrics import (
     exact_match,
@@ -164,7 +166,17 @@ def run_vqa_eval(
             raise ValueError(f"question_id {sample.question_id!r} occurs twice; predictions are kept by question_id")
         seen.add(sample.question_id)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(output_dir, "--output-dir")  # two evaluations appending to one predictions file would mix
+    try:
+        if lock.message():
+            print(lock.message(), file=sys.stderr, flush=True)
+        return _answer_and_score(answerer, samples, benchmark, output_dir, batch_size, progress, run_info)
+    finally:
+        lock.release()
+
+
+def _answer_and_score(answerer: Answerer, samples: Sequence[VQASample], benchmark: str, output_dir: Path,
+                      batch_size: int, progress: bool, run_info: dict | None) -> dict:
     _check_run_info(output_dir / RUN_FILE, {"benchmark": benchmark, **(run_info or {})})
     predictions_path = output_dir / PREDICTIONS_FILE
     predictions = read_predictions(predictions_path)
@@ -211,9 +223,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     add_device(parser)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument(
-        "--output-dir", default=None, help="where predictions.jsonl and metrics.json go (default: runs/vqa/...)"
-    )
+    add_output_dir(parser, help="where predictions.jsonl and metrics.json go (default: runs/vqa/...)", required=False)
 
 
 def run_cli(args: argparse.Namespace) -> int:

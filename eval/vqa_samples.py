@@ -16,6 +16,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from defocus_vlm.cli_options import add_output_file
 from defocus_vlm.data.vqa import BENCHMARKS, VQASample, get_benchmark, read_benchmark
 
 from .vqa import PREDICTIONS_FILE, read_predictions
@@ -102,7 +103,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-type", type=int, default=1, help="questions per question type (default: 1)")
     parser.add_argument("--skip", type=int, default=0, help="skip this many questions of each type first")
     parser.add_argument("--questions", nargs="*", default=(), help="these question ids instead")
-    parser.add_argument("--output", required=True, help="the PNG to write")
+    add_output_file(parser, help="the PNG to write", required=True)
 
 
 def run_cli(args: argparse.Namespace) -> int:

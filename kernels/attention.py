@@ -8,12 +8,13 @@ suffix of the keys (streaming with a KV cache).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve
+from .dispatch import KernelOp
 
 
 def decay_bias(
@@ -65,8 +66,9 @@ def _sdpa(q, k, v, log_decay, causal, q_offset, scale):
 # (fused Triton kernels, forward and backward). On CPU the eager (unfused) path runs forward only:
 # PyTorch has no CPU backward for FlexAttention, but ``log_decay`` alone may still require grad
 # there, which is what the CPU tests check. The automatic rule never picks "flex" on CPU.
-_FLEX: dict = {}
-_BLOCK_MASKS: dict = {}
+# The two caches below are owned by this section: one compiled flex_attention per process, and the
+# causal block masks of the BLOCK_MASK_CACHE most recent (length, device) pairs.
+BLOCK_MASK_CACHE = 32
 
 
 def _flex_causal_mask(b, h, q_idx, kv_idx):  # module level: one function object, no recompiles
@@ -87,25 +89,26 @@ def _flex_score_mod(log_decay, offset, causal, masked):
     return score_mod
 
 
-def _flex_function(device: torch.device):
+@functools.cache
+def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type != "cuda":
-        return flex_attention
-    if "compiled" not in _FLEX:
-        _FLEX["compiled"] = torch.compile(flex_attention)
-    return _FLEX["compiled"]
+    return torch.compile(flex_attention)
 
 
+def _flex_function(device: torch.device):
+    if device.type == "cuda":
+        return _compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+@functools.lru_cache(maxsize=BLOCK_MASK_CACHE)
 def _flex_block_mask(length: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (length, str(device))
-    if key not in _BLOCK_MASKS:
-        if len(_BLOCK_MASKS) >= 32:
-            _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
-        _BLOCK_MASKS[key] = create_block_mask(_flex_causal_mask, None, None, length, length, device=device)
-    return _BLOCK_MASKS[key]
+    return create_block_mask(_flex_causal_mask, None, None, length, length, device=device)
 
 
 def _flex(q, k, v, log_decay, causal, q_offset, scale):
@@ -135,21 +138,20 @@ def _flex(q, k, v, log_decay, causal, q_offset, scale):
 
 def flex_available() -> bool:
     """FlexAttention present, and Triton to compile it."""
-    from .registry import importable
+    from .registry import backend_importable
 
-    return importable("torch.nn.attention.flex_attention") and importable("triton")
+    return backend_importable("flex") and backend_importable("triton")
 
 
 BACKENDS = {"reference": _reference, "sdpa": _sdpa, "flex": _flex}
 
 
-def _auto_for(q: torch.Tensor, log_decay: torch.Tensor | None):
-    def choose() -> str:
-        if q.is_cuda and log_decay is not None and flex_available():
-            return "flex"
-        return "sdpa"
+def _auto_rule(device_type: str, has_decay: bool) -> str:
+    return "flex" if device_type == "cuda" and has_decay and flex_available() else "sdpa"
 
-    return choose
+
+OP = KernelOp("attention", BACKENDS, facts=lambda q, log_decay: (q.device.type, log_decay is not None),
+              rule=_auto_rule)
 
 
 def defocus_attention(
@@ -166,5 +168,5 @@ def defocus_attention(
     if q.dim() != 4 or k.shape != v.shape[:-1] + k.shape[-1:]:
         raise ValueError(f"expected (B, H, L, D) q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    name = resolve("attention", backend, BACKENDS, _auto_for(q, log_decay))
+    name = OP.choose(backend, q, log_decay)
     return BACKENDS[name](q, k, v, log_decay, causal, q_offset, scale)

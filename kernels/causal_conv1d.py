@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve
+from .dispatch import KernelOp
 
 
 def _reference(x, weight, bias, state, activation):
@@ -34,16 +34,16 @@ def _external(x, weight, bias, state, activation):  # pragma: no cover - needs C
 BACKENDS = {"reference": _reference, "torch": _reference, "causal_conv1d": _external}
 
 
-def _auto_for(x: torch.Tensor):
-    def choose() -> str:
-        if x.is_cuda:
-            from .registry import importable as has_module
+def _auto_rule(device_type: str) -> str:
+    if device_type == "cuda":
+        from .registry import backend_importable
 
-            if has_module("causal_conv1d"):
-                return "causal_conv1d"
-        return "torch"
+        if backend_importable("causal_conv1d"):
+            return "causal_conv1d"
+    return "torch"
 
-    return choose
+
+OP = KernelOp("causal_conv1d", BACKENDS, facts=lambda x: (x.device.type,), rule=_auto_rule)
 
 
 def causal_conv1d(
@@ -61,5 +61,5 @@ def causal_conv1d(
         raise ValueError(f"expected x (B, D, L) and weight (D, K), got {tuple(x.shape)}, {tuple(weight.shape)}")
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    name = resolve("causal_conv1d", backend, BACKENDS, _auto_for(x))
+    name = OP.choose(backend, x)
     return BACKENDS[name](x, weight, bias, state, activation)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve
+from .dispatch import KernelOp
 
 
 def _chunk(q, k, v, log_decay, state):
@@ -115,18 +115,22 @@ PARALLEL_MAX_LENGTH = 256
 PARALLEL_MAX_SCORES = 64 * 2**20
 
 
-def _auto_for(q: torch.Tensor):
-    def choose() -> str:
-        if q.is_cuda:
-            from .registry import importable
+def _facts(q: torch.Tensor) -> tuple[str, bool]:
+    """(device type, short enough for the parallel form)."""
+    batch, heads, length, _ = q.shape
+    return q.device.type, length <= PARALLEL_MAX_LENGTH and batch * heads * length * length <= PARALLEL_MAX_SCORES
 
-            if importable("fla.ops.simple_gla"):
-                return "fla"
-        batch, heads, length, _ = q.shape
-        short = length <= PARALLEL_MAX_LENGTH and batch * heads * length * length <= PARALLEL_MAX_SCORES
-        return "parallel" if short else "chunkwise"
 
-    return choose
+def _auto_rule(device_type: str, short: bool) -> str:
+    if device_type == "cuda":
+        from .registry import backend_importable
+
+        if backend_importable("fla"):
+            return "fla"
+    return "parallel" if short else "chunkwise"
+
+
+OP = KernelOp("retention", BACKENDS, facts=_facts, rule=_auto_rule)
 
 
 def retention(
@@ -143,5 +147,5 @@ def retention(
         raise ValueError(f"expected (B, H, L, D) q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if log_decay.shape != (q.shape[1],):
         raise ValueError(f"log_decay must have one value per head ({q.shape[1]}), got {tuple(log_decay.shape)}")
-    name = resolve("retention", backend, BACKENDS, _auto_for(q))
+    name = OP.choose(backend, q)
     return BACKENDS[name](q, k, v, log_decay, state, chunk_size)

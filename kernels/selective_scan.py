@@ -25,7 +25,23 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import resolve
+from .dispatch import KernelOp
+
+
+def check_scan_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                      initial_state: torch.Tensor | None = None) -> None:
+    """A ValueError naming the first argument whose shape does not fit the layout above (every backend
+    checks through here)."""
+    if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"expected u, delta (B, D, L) and A (D, N), got {tuple(u.shape)}, "
+                         f"{tuple(delta.shape)}, {tuple(A.shape)}")
+    batch, dim, length = u.shape
+    expected = {"B": (batch, A.shape[1], length), "C": (batch, A.shape[1], length), "D": (dim,),
+                "z": tuple(u.shape), "initial_state": (batch, dim, A.shape[1])}
+    for name, tensor in {"B": B, "C": C, "D": D, "z": z, "initial_state": initial_state}.items():
+        if tensor is not None and tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{name} must be {expected[name]}, got {tuple(tensor.shape)}")
 
 
 def _finish(y, u, D, z):
@@ -138,37 +154,43 @@ BACKENDS = {"reference": _reference, "chunked": _chunked, "fused": _fused, "mamb
             "triton": _triton}
 
 
-def auto_backend(device: torch.device | str) -> str:
-    """The backend ``backend="auto"`` picks for tensors on ``device`` (without the
-    ``DEFOCUS_KERNELS`` override). On CPU this builds the fused op the first time it is asked."""
-    if torch.device(device).type == "cuda":
-        from .registry import importable
+def _auto_rule(device_type: str, tracing: bool) -> str:
+    if device_type == "cuda":
+        from .registry import backend_importable
 
-        if importable("mamba_ssm.ops.selective_scan_interface"):
-            return "mamba_ssm"
-        if importable("triton"):
-            return "triton"
+        for backend in ("mamba_ssm", "triton"):
+            if backend_importable(backend):
+                return backend
         return "reference"
     # CPU (never triton: there it only runs in the slow interpreter). The fused C++ scan when it
     # builds (benchmarks/cpu_fused_scan.json); else the token-by-token recurrence, the fastest
     # PyTorch form forward and backward (1.3-3x the chunked scan forward, 3-13x forward+backward
     # at 197-4096 tokens; benchmarks/cpu_selective_scan.json).
-    from .selective_scan_cpu import fused_available
-
     # torch.export / torch.compile trace with fake tensors, which the JIT-built op has no shape rule
     # for: traced code takes the recurrence, which they can follow.
-    if torch.compiler.is_compiling() or _is_exporting():
+    if tracing:
         return "reference"
+    from .selective_scan_cpu import fused_available
+
     return "fused" if fused_available() else "reference"
 
 
-def _is_exporting() -> bool:
+def _is_tracing() -> bool:
     is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.x exposes it; older: never
-    return bool(is_exporting and is_exporting())
+    return torch.compiler.is_compiling() or bool(is_exporting and is_exporting())
 
 
-def _auto_for(u: torch.Tensor):
-    return lambda: auto_backend(u.device)
+def _device_facts(device: torch.device | str) -> tuple[str, bool]:
+    return torch.device(device).type, _is_tracing()
+
+
+OP = KernelOp("selective_scan", BACKENDS, facts=lambda u: _device_facts(u.device), rule=_auto_rule)
+
+
+def auto_backend(device: torch.device | str) -> str:
+    """The backend ``backend="auto"`` picks for tensors on ``device`` (without the
+    ``DEFOCUS_KERNELS`` override). On CPU this builds the fused op the first time it is asked."""
+    return OP.rule(*_device_facts(device))
 
 
 def selective_scan(
@@ -185,13 +207,8 @@ def selective_scan(
     backend: str = "auto",
 ):
     """Run the selective scan; returns y (B, D, L) and, if asked, the last state (B, D, N)."""
-    if u.dim() != 3 or delta.shape != u.shape or A.shape[0] != u.shape[1]:
-        raise ValueError(f"expected u, delta (B, D, L) and A (D, N), got {tuple(u.shape)}, "
-                         f"{tuple(delta.shape)}, {tuple(A.shape)}")
-    expected = (u.shape[0], A.shape[1], u.shape[2])
-    if tuple(B.shape) != expected or tuple(C.shape) != expected:
-        raise ValueError(f"B and C must be {expected}, got {tuple(B.shape)} and {tuple(C.shape)}")
-    name = resolve("selective_scan", backend, BACKENDS, _auto_for(u))
+    check_scan_shapes(u, delta, A, B, C, D, z, initial_state)
+    name = OP.choose(backend, u)
     y, last = BACKENDS[name](u, delta, A, B, C, D, z, initial_state, max_chunk)
     y = y.to(u.dtype)
     return (y, last) if return_last_state else y

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .selective_scan import check_scan_shapes
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
@@ -153,6 +155,7 @@ def fused_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     error = load_error(portable)
     if error is not None:
         raise RuntimeError(f"the fused CPU selective scan is unavailable here: {error}")
+    check_scan_shapes(u, delta, A, B, C, D, z, initial_state)
     tensors = [t for t in (u, delta, A, B, C, D, z, initial_state) if t is not None]
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("the 'fused' selective-scan backend runs on CPU tensors only")
@@ -163,8 +166,6 @@ def fused_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     z = None if z is None else z.to(dt)
     h0 = None if initial_state is None else initial_state.to(dt).contiguous()
     batch, dim, length = u.shape
-    if h0 is not None and tuple(h0.shape) != (batch, dim, A.shape[1]):
-        raise ValueError(f"initial_state must be {(batch, dim, A.shape[1])}, got {tuple(h0.shape)}")
     if length == 0:  # nothing to scan: y is empty and the state passes through
         last = h0 if h0 is not None else u.new_zeros(batch, dim, A.shape[1])
         return u.new_zeros(u.shape), last

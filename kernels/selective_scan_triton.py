@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .selective_scan import check_scan_shapes
+
 DEFAULT_BLOCK_T = 32
 # (BLOCK_D * N_PAD * BLOCK_T) elements per 3-D register tile; backward holds more tiles at once.
 _FWD_TILE_BUDGET = 4096
@@ -64,13 +66,10 @@ def _scan_time(a, b, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.con
 
 
 @triton.jit
-def _fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr,
-    y_ptr, last_ptr, ckpt_ptr,
-    dim, length, nstate, n_tiles,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr,
-    BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-):
+def _program_layout(dim, length, nstate, n_tiles, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr,
+                    BLOCK_T: tl.constexpr):
+    """This program's (batch, channel block): offsets, masks, and the row offsets of the (B, D, L)
+    sequences, the (B, N, L) B/C, the (B, D, N) states and the (B, D, n_tiles, N) checkpoints."""
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -79,14 +78,69 @@ def _fwd_kernel(
     mask_d = offs_d < dim
     mask_n = offs_n < nstate
     mask_dn = mask_d[:, None] & mask_n[None, :]
-
-    A = tl.load(A_ptr + offs_d[:, None] * nstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     seq_rows = pid_b * dim * length + offs_d[:, None].to(tl.int64) * length  # (BLOCK_D, 1)
     bc_rows = pid_b * nstate * length + offs_n[:, None] * length  # (N_PAD, 1)
     state_off = pid_b * dim * nstate + offs_d[:, None] * nstate + offs_n[None, :]
     ckpt_off = (pid_b * dim + offs_d[:, None]) * n_tiles * nstate + offs_n[None, :]
+    return pid_b, pid_d, offs_d, offs_n, offs_t, mask_d, mask_n, mask_dn, seq_rows, bc_rows, state_off, ckpt_off
+
+
+@triton.jit
+def _load_params(A_ptr, D_ptr, offs_d, offs_n, mask_d, mask_dn, nstate, HAS_D: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """A (BLOCK_D, N_PAD) and D (BLOCK_D,; zeros without D) in float32."""
+    A = tl.load(A_ptr + offs_d[:, None] * nstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    return A, Dv
+
+
+@triton.jit
+def _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, seq_rows, bc_rows, t, mask_d, mask_n, length):
+    """Time tile ``t`` of u, delta (BLOCK_D, BLOCK_T) and B, C (N_PAD, BLOCK_T) in float32, with the
+    masks of the two shapes."""
+    mask_t = t < length
+    m_dt = mask_d[:, None] & mask_t[None, :]
+    m_nt = mask_n[:, None] & mask_t[None, :]
+    u = tl.load(u_ptr + seq_rows + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
+    dl = tl.load(delta_ptr + seq_rows + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
+    Bt = tl.load(B_ptr + bc_rows + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + bc_rows + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
+    return u, dl, Bt, Ct, mask_t, m_dt, m_nt
+
+
+@triton.jit
+def _tile_states(u, dl, Bt, A, h, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The states of one tile from its start state ``h``: per-step decay a, input b, states hs (all
+    (BLOCK_D, N_PAD, BLOCK_T)). Padded steps/channels/states have delta = 0 or A = 0: decay 1, input 0."""
+    a = tl.exp(dl[:, None, :] * A[:, :, None])
+    b = (dl * u)[:, None, :] * Bt[None, :, :]
+    a_cum, b_cum = _scan_time(a, b, BLOCK_D, N_PAD, BLOCK_T, False)
+    return a, b, a_cum * h[:, :, None] + b_cum
+
+
+@triton.jit
+def _tile_output(hs, Ct, u, Dv, HAS_D: tl.constexpr):
+    """y = C . h (+ D u), before the gate."""
+    y = tl.sum(hs * Ct[None, :, :], axis=1)
+    if HAS_D:
+        y += Dv[:, None] * u
+    return y
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr,
+    y_ptr, last_ptr, ckpt_ptr,
+    dim, length, nstate, n_tiles,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_H0: tl.constexpr,
+    BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    (pid_b, pid_d, offs_d, offs_n, offs_t, mask_d, mask_n, mask_dn, seq_rows, bc_rows, state_off,
+     ckpt_off) = _program_layout(dim, length, nstate, n_tiles, BLOCK_D, N_PAD, BLOCK_T)
+    A, Dv = _load_params(A_ptr, D_ptr, offs_d, offs_n, mask_d, mask_dn, nstate, HAS_D, BLOCK_D)
 
     if HAS_H0:
         h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0).to(tl.float32)
@@ -96,21 +150,10 @@ def _fwd_kernel(
     for k in range(0, n_tiles):
         tl.store(ckpt_ptr + ckpt_off + k * nstate, h, mask=mask_dn)
         t = k * BLOCK_T + offs_t
-        mask_t = t < length
-        m_dt = mask_d[:, None] & mask_t[None, :]
-        m_nt = mask_n[:, None] & mask_t[None, :]
-        u = tl.load(u_ptr + seq_rows + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
-        dl = tl.load(delta_ptr + seq_rows + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + bc_rows + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc_rows + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
-        # padded steps/channels/states have delta = 0 or A = 0: decay 1, input 0
-        a = tl.exp(dl[:, None, :] * A[:, :, None])
-        b = (dl * u)[:, None, :] * Bt[None, :, :]
-        a_cum, b_cum = _scan_time(a, b, BLOCK_D, N_PAD, BLOCK_T, False)
-        hs = a_cum * h[:, :, None] + b_cum
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
-        if HAS_D:
-            y += Dv[:, None] * u
+        u, dl, Bt, Ct, mask_t, m_dt, m_nt = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, seq_rows, bc_rows, t,
+                                                       mask_d, mask_n, length)
+        a, b, hs = _tile_states(u, dl, Bt, A, h, BLOCK_D, N_PAD, BLOCK_T)
+        y = _tile_output(hs, Ct, u, Dv, HAS_D)
         if HAS_Z:
             zt = tl.load(z_ptr + seq_rows + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
             y = y * zt * tl.sigmoid(zt)
@@ -129,24 +172,11 @@ def _bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DLAST: tl.constexpr,
     BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    offs_t = tl.arange(0, BLOCK_T)
-    mask_d = offs_d < dim
-    mask_n = offs_n < nstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-
-    A = tl.load(A_ptr + offs_d[:, None] * nstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    seq_rows = pid_b * dim * length + offs_d[:, None].to(tl.int64) * length
-    bc_rows = pid_b * nstate * length + offs_n[:, None] * length
+    (pid_b, pid_d, offs_d, offs_n, offs_t, mask_d, mask_n, mask_dn, seq_rows, bc_rows, state_off,
+     ckpt_off) = _program_layout(dim, length, nstate, n_tiles, BLOCK_D, N_PAD, BLOCK_T)
+    A, Dv = _load_params(A_ptr, D_ptr, offs_d, offs_n, mask_d, mask_dn, nstate, HAS_D, BLOCK_D)
     # per-(batch, channel block) partial sums of dB, dC: (B, n_dblocks, N, L)
     part_rows = ((pid_b * n_dblocks + pid_d) * nstate + offs_n[:, None]) * length
-    state_off = pid_b * dim * nstate + offs_d[:, None] * nstate + offs_n[None, :]
-    ckpt_off = (pid_b * dim + offs_d[:, None]) * n_tiles * nstate + offs_n[None, :]
 
     # carry = exp(delta_s A) * dL/dh_s at the first step s of the tile after this one
     if HAS_DLAST:
@@ -160,29 +190,19 @@ def _bwd_kernel(
         k = n_tiles - 1 - kk
         h0 = tl.load(ckpt_ptr + ckpt_off + k * nstate, mask=mask_dn, other=0.0)
         t = k * BLOCK_T + offs_t
-        mask_t = t < length
-        m_dt = mask_d[:, None] & mask_t[None, :]
-        m_nt = mask_n[:, None] & mask_t[None, :]
-        u = tl.load(u_ptr + seq_rows + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
-        dl = tl.load(delta_ptr + seq_rows + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + bc_rows + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc_rows + t[None, :], mask=m_nt, other=0.0).to(tl.float32)
+        u, dl, Bt, Ct, mask_t, m_dt, m_nt = _load_tile(u_ptr, delta_ptr, B_ptr, C_ptr, seq_rows, bc_rows, t,
+                                                       mask_d, mask_n, length)
         gout = tl.load(dy_ptr + seq_rows + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
         # delta one step ahead inside this tile (the tile's last step takes the carry instead)
         m_next = mask_d[:, None] & ((offs_t < BLOCK_T - 1) & (t + 1 < length))[None, :]
         dl_next = tl.load(delta_ptr + seq_rows + t[None, :] + 1, mask=m_next, other=0.0).to(tl.float32)
 
         # recompute this tile's states from its checkpoint
-        a = tl.exp(dl[:, None, :] * A[:, :, None])
-        b = (dl * u)[:, None, :] * Bt[None, :, :]
-        a_cum, b_cum = _scan_time(a, b, BLOCK_D, N_PAD, BLOCK_T, False)
-        hs = a_cum * h0[:, :, None] + b_cum
+        a, b, hs = _tile_states(u, dl, Bt, A, h0, BLOCK_D, N_PAD, BLOCK_T)
 
         if HAS_Z:
             zt = tl.load(z_ptr + seq_rows + t[None, :], mask=m_dt, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
-            if HAS_D:
-                y += Dv[:, None] * u
+            y = _tile_output(hs, Ct, u, Dv, HAS_D)
             sig = tl.sigmoid(zt)
             dz = gout * y * sig * (1.0 + zt * (1.0 - sig))
             tl.store(dz_ptr + seq_rows + t[None, :], dz, mask=m_dt)
@@ -328,14 +348,9 @@ def selective_scan_triton(
     for name, value in (("block_d", block_d), ("block_d_bwd", block_d_bwd)):
         if value is not None and (value < 1 or value & (value - 1)):
             raise ValueError(f"{name} must be a power of two, got {value}")
+    check_scan_shapes(u, delta, A, B, C, D, z, initial_state)
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    if initial_state is not None and tuple(initial_state.shape) != (batch, dim, nstate):
-        raise ValueError(f"initial_state must be {(batch, dim, nstate)}, got {tuple(initial_state.shape)}")
-    if D is not None and tuple(D.shape) != (dim,):
-        raise ValueError(f"D must be ({dim},), got {tuple(D.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"z must be {tuple(u.shape)}, got {tuple(z.shape)}")
     if length == 0:
         last = (initial_state.float() if initial_state is not None
                 else u.new_zeros(batch, dim, nstate, dtype=torch.float32))

@@ -222,7 +222,7 @@ def test_processor_refuses_unreadable_files(processor, tmp_path):
     broken.write_bytes(b"this is not a PNG file")
     with pytest.raises(ImageError, match=r"cannot read image .*broken\.png"):
         processor(str(broken))
-    with pytest.raises(ImageError, match="image not found"):
+    with pytest.raises(ImageError, match="missing.jpg not found, expected an image file"):
         processor(tmp_path / "missing.jpg")
     with pytest.raises(ImageError, match=f"^{tmp_path} is a directory, expected an image file$"):
         processor(str(tmp_path))  # exists, but is not an image

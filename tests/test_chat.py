@@ -30,4 +30,4 @@ def test_chat_streams_the_greedy_answer(tmp_path, capsys, monkeypatch):
 
 def test_chat_reports_a_missing_image_before_loading(tmp_path, capsys):
     assert main(["chat", "--model", str(tmp_path), "--image", str(tmp_path / "none.png"), "hi"]) == 2
-    assert "image not found" in capsys.readouterr().err
+    assert "none.png not found, expected an image file" in capsys.readouterr().err

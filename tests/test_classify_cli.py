@@ -84,7 +84,7 @@ def test_classify_refuses_bad_images(model_dir, tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert rc == 1
     assert "junk.png: error: cannot read image" in captured.err
-    assert "missing.png: error: image not found" in captured.err
+    assert "missing.png: error: " in captured.err and "missing.png not found, expected an image file" in captured.err
     assert "huge.png: error: image too large" in captured.err
     assert good in captured.out  # the good image is still classified
 

@@ -37,7 +37,7 @@ def test_kernels_reports_backends_and_env_override(capsys, monkeypatch):
 def test_bench_kernels_json_rows(tmp_path, capsys):
     out = tmp_path / "k.json"
     assert main(["bench", "kernels", "--ops", "selective_scan", "retention", "--lengths", "20",
-                 "--widths", "small", "--repeats", "1", "--out", str(out)]) == 0
+                 "--widths", "small", "--repeats", "1", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     backends = {(r["op"], r["backend"], r["mode"]) for r in result["rows"]}
     assert ("selective_scan", "chunked", "fwd+bwd") in backends

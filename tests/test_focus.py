@@ -179,7 +179,7 @@ def test_analyze_cli(model_dir, tmp_path, capsys):
         (["--model", "vit_tiny:embed_dimm=8"], "cannot override 'embed_dimm'"),
         (["--model", "vit_tiny", "--layers", "12"], "layer 12 is out of range for vit_tiny, which has 12 blocks"),
         (["--model", "vit_tiny", "--image", "fashion-mnist:x"], "expected fashion-mnist:N with N in 0..9999"),
-        (["--model", "vit_tiny", "--image", "missing.png"], "image not found: missing.png"),
+        (["--model", "vit_tiny", "--image", "missing.png"], "missing.png not found, expected an image file"),
     ],
 )
 def test_analyze_cli_errors(args, message, tmp_path, capsys):

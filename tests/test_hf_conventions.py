@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import images, tiny_config, tiny_encoder_config
 from defocus_vlm.encoders import DefocusEncoder
-from defocus_vlm.kernels.dispatch import LAST_CHOICE
+from defocus_vlm.kernels.dispatch import BY_ARGUMENT, BY_RULE, record_choices
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from defocus_vlm import (
@@ -246,18 +246,18 @@ def test_output_attentions_is_refused_where_there_are_none(mixer):
 def test_attn_implementation_selects_the_attention_kernel(tmp_path):
     model = DefocusVisionModel(tiny_config("defocus_vit_small")).eval()
     x = images()
-    with torch.no_grad():
+    with torch.no_grad(), record_choices() as choices:
         default = model(x).last_hidden_state
-        assert LAST_CHOICE["attention"][1].startswith("automatic")
+        assert choices["attention"][1] == BY_RULE
         for implementation, kernel in (("eager", "reference"), ("flex_attention", "flex"), ("sdpa", None)):
             model.set_attn_implementation(implementation)
             torch.testing.assert_close(model(x).last_hidden_state, default, rtol=1e-5, atol=1e-5)
-            assert LAST_CHOICE["attention"][0] == kernel if kernel else LAST_CHOICE["attention"][1].startswith("auto")
+            assert choices["attention"][0] == kernel if kernel else choices["attention"][1] == BY_RULE
     model.save_pretrained(tmp_path)
     eager = DefocusVisionModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    with torch.no_grad():
+    with torch.no_grad(), record_choices() as choices:
         assert eager(x, return_dict=True).last_hidden_state.shape == default.shape
-    assert LAST_CHOICE["attention"] == ("reference", "argument")
+    assert choices["attention"] == ("reference", BY_ARGUMENT)
     with pytest.raises(ValueError, match="Flash Attention"):  # cannot add the distance decay
         DefocusVisionModel.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
 
@@ -343,10 +343,10 @@ def test_clip_attn_implementation_reaches_both_towers(tmp_path):
     loaded.set_attn_implementation({"text_config": "eager"})
     assert [c._attn_implementation for c in towers] == ["sdpa", "eager"]
     ids = torch.randint(0, 64, (2, 5))
-    with torch.no_grad():
+    with torch.no_grad(), record_choices() as choices:
         loaded.set_attn_implementation({"vision_config": "eager"})
         loaded(input_ids=ids, pixel_values=images())
-    assert LAST_CHOICE["attention"] == ("reference", "argument")  # the image tower took it too
+    assert choices["attention"] == ("reference", BY_ARGUMENT)  # the image tower took it too
     with pytest.raises(ValueError, match="Flash Attention"):
         loaded.set_attn_implementation({"vision_config": "flash_attention_2"})
 

@@ -264,6 +264,38 @@ def test_vision_model_outputs_and_stream():
     torch.testing.assert_close(streamed, out.last_hidden_state, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["defocus_mamba_small", "defocus_retnet_small", "defocus_vit_small"])
+def test_stream_of_every_layer_equals_one_shot_and_is_prefix_invariant(preset):
+    """stream(layer=k) gives hidden_states[k] (k != -1) or last_hidden_state (-1) chunk by chunk, for every layer;
+    a chunk depends only on the patches up to it: changing the last row of the image leaves the earlier chunks."""
+    model = DefocusVisionModel(tiny_config(preset)).eval()
+    x = images()
+    changed = x.clone()
+    changed[..., -4:, :] = torch.randn_like(changed[..., -4:, :])  # the last row of 4 px patches: tokens 12..15
+    depth = model.config.depth
+    assert model.num_tokens() == model.num_tokens(16, 16) == 17 and model.num_tokens(32, 16) == 33
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+        for layer in range(-(depth + 1), depth + 1):
+            expected = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+            for chunk in (1, 5, 17):
+                parts = list(model.stream(x, chunk, layer=layer))
+                assert [p.shape[1] for p in parts] == [min(chunk, 17 - i) for i in range(0, 17, chunk)]
+                torch.testing.assert_close(torch.cat(parts, 1), expected, rtol=0, atol=1e-5)
+            before = torch.cat(list(model.stream(x, 4, layer=layer))[:3], 1)
+            after = torch.cat(list(model.stream(changed, 4, layer=layer))[:3], 1)
+            assert torch.equal(before, after), layer  # tokens 0..11: the first three rows
+            if layer != 0:  # the patch embeddings of the changed row differ, and so does what follows them
+                assert not torch.equal(list(model.stream(x, 4, layer=layer))[3],
+                                       list(model.stream(changed, 4, layer=layer))[3])
+    with pytest.raises(ValueError, match=rf"layer must be an integer in \[{-(depth + 1)}, {depth}\]"):
+        model.stream(x, 4, layer=depth + 1)
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        model.check_pixels(torch.zeros(1, 3, 18, 16))
+    with pytest.raises(ValueError, match="expected 3 image channels"):
+        model.stream(torch.zeros(1, 1, 16, 16), 4)
+
+
 def test_config_from_preset_and_overrides():
     cfg = DefocusVisionConfig.from_preset("defocus_vit_base", num_labels=10, img_size=32, drop_path_rate=0.3)
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.img_size) == (768, 12, 12, 32)

@@ -35,8 +35,7 @@ def evaluator(cfg):
     from defocus_vlm.training.loop import StepContext
 
     task = InstructTask(cfg)
-    task.build_data()
-    task.build_model()  # sets the task's processor and loss path; the model evaluated is the one passed in
+    task.build_data()  # evaluation needs the data and the processor only: the model evaluated is the one passed in
     ctx = StepContext(0, 0, 0.0, 1, 0, 1, torch.device("cpu"), torch.float32, 0)
     return lambda model: task.evaluate(model, ctx)
 

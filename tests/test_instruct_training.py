@@ -1,5 +1,5 @@
 """Stage 3 (instruct) on the shared DeepSpeed loop: ZeRO-3 training, exact resume, an export that
-reloads to the same outputs, the trained-positions loss, freezing per tuning mode, config errors.
+reloads to the same outputs, the model's own loss, freezing per tuning mode, config errors.
 
 Data: a toy LLaVA set of coloured squares with single-image, multi-turn, two-image and text-only
 conversations; model: tiny De-focus ViT + tiny Llama + the character tokenizer (tiny_cpu.yaml)."""
@@ -112,23 +112,50 @@ def test_export_reloads_to_the_same_outputs(zero3_run, toy_data, tmp_path):
         [{"role": "user", "content": "<image>\nwhat colour?"}])))
 
 
-def test_trained_positions_loss_equals_the_models_own_loss(toy_data, tmp_path):
-    from defocus_vlm.training.instruct import InstructTask, next_token_loss
+def test_the_step_loss_is_the_models_own_loss_of_the_full_logits(toy_data, tmp_path):
+    """micro_loss is the model's forward(labels=...) (logits only at trained positions), equal to the next-token
+    cross-entropy of the full logits; the evaluation's summed loss is the same sum."""
+    from defocus_vlm.training.instruct import InstructTask
+    from defocus_vlm.training.loop import StepContext
 
     task = InstructTask(tiny(toy_data, tmp_path))
     ds = task.build_data()
     model = task.build_model().eval()
-    assert task.head_on_hidden
     batch = task.collate_fn()([ds[i] for i in range(6)])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-    own = model(**inputs, labels=batch["labels"]).loss
-    fast = next_token_loss(model, *inputs.values(), batch["labels"], model.get_output_embeddings())
-    full = next_token_loss(model, *inputs.values(), batch["labels"], None)
-    assert fast.item() == pytest.approx(own.item(), rel=1e-5) and full.item() == pytest.approx(own.item(), rel=1e-5)
+    ctx = StepContext(0, 0, 0.0, 1, 0, 1, torch.device("cpu"), torch.float32, 0)
+    with torch.no_grad():
+        step = task.micro_loss(model, batch, ctx)
+        logits = model(**task._inputs(batch, ctx)).logits
+        summed = model(**task._inputs(batch, ctx), labels=batch["labels"], num_items_in_batch=1).loss
+    targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    trained = int((targets != -100).sum())
+    assert step.item() == pytest.approx(full.item() / trained, rel=1e-5)
+    assert summed.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_data_and_model_share_one_processor_in_either_order(toy_data, tmp_path):
+    """The processor the data is encoded with is the one exported, its config the model's, whichever of build_data
+    and build_model runs first; the image tokens per sample are the model's count."""
+    from defocus_vlm.training.instruct import InstructTask
+
+    first_data = InstructTask(tiny(toy_data, tmp_path))
+    ds = first_data.build_data()
+    processor = first_data.processor
+    model = first_data.build_model()
+    assert first_data.processor is processor and processor.vlm_config is model.config
+    per_image = model.config.num_image_tokens()
+    assert int((ds[0]["input_ids"] == processor.image_token_id).sum()) == per_image
+
+    first_model = InstructTask(tiny(toy_data, tmp_path))
+    again = first_model.build_model()
+    again_ds = first_model.build_data()
+    assert first_model.processor.vlm_config is again.config
+    assert torch.equal(again_ds[0]["input_ids"], ds[0]["input_ids"])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(toy_data, tmp_path):
-    from defocus_vlm.training.instruct import InstructTask, next_token_loss
+    from defocus_vlm.training.instruct import InstructTask
 
     grads = []
     for checkpointing in (False, True):
@@ -137,8 +164,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(toy_data, tmp_path):
         torch.manual_seed(0)
         model = task.build_model().train()
         batch = task.collate_fn()([ds[i] for i in range(4)])
-        next_token_loss(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                        model.get_output_embeddings()).backward()
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              pixel_values=batch["pixel_values"], labels=batch["labels"]).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.language_model.modules())
     assert all(block.gradient_checkpointing for block in model.vision_tower.encoder.blocks)
@@ -252,3 +279,28 @@ def test_flips_follow_the_sample_seed_and_spare_evaluation(tmp_path):
     seen = {tuple(half[(0, seed)]["pixel_values"][0, 0, 0].tolist()) for seed in range(16)}
     assert seen == {tuple(plain[0].tolist()), tuple(plain[0].flip(0).tolist())}
     assert torch.equal(half[(0, 3)]["pixel_values"], half[(0, 3)]["pixel_values"])
+
+
+def test_unreadable_images_follow_on_corrupt_from_start_up(tmp_path):
+    """data.on_corrupt=fail refuses the data while it is built (before any model); skip warns, and a
+    sample whose image cannot be read is replaced by the next one."""
+    from defocus_vlm.training.instruct import InstructTask
+
+    from defocus_vlm.data.classification import DataError
+
+    (tmp_path / "images").mkdir()
+    for name, rgb in COLOURS.items():
+        Image.new("RGB", (16, 16), rgb).save(tmp_path / "images" / f"{name}.png")
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    names = [*COLOURS, "broken"]
+    records = [{"id": n, "image": f"{n}.png", "conversations": turn("<image>\nwhat colour?", n)} for n in names]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    base = [f"data.train_json={tmp_path / 'train.json'}", "data.eval_json=", "data.limit_train=0",
+            f"train.output_dir={tmp_path}"]
+    with pytest.raises(DataError, match=r"train split: 1 of all 4 images cannot be read \(first: sample 3 \(broken"):
+        InstructTask(load_config("tiny_cpu", [*base, "data.on_corrupt=fail"], stage="instruct")).build_data()
+    with pytest.warns(UserWarning, match="1 of all 4 images are unreadable and will be skipped"):
+        train = InstructTask(load_config("tiny_cpu", [*base, "data.on_corrupt=skip"], stage="instruct")).build_data()
+    with pytest.warns(UserWarning, match="skipping a sample with an unreadable image"):
+        item = train[3]
+    assert torch.equal(item["input_ids"], train[0]["input_ids"])  # the next sample (wrapping round) instead

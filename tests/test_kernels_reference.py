@@ -19,7 +19,7 @@ from defocus_vlm.kernels import (
     selective_scan,
 )
 from defocus_vlm.kernels.attention import decay_bias
-from defocus_vlm.kernels.dispatch import ENV_VAR, LAST_CHOICE, resolve
+from defocus_vlm.kernels.dispatch import BY_ARGUMENT, BY_ENV, BY_RULE, ENV_VAR, record_choices
 
 F64 = torch.float64
 # float64 parity: the backends re-associate sums (chunking, cumsum rescaling), nothing more.
@@ -436,23 +436,83 @@ def test_cpu_auto_rules():
 
     scan = "fused" if fused_available() else "reference"
     s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
-    assert SCAN._auto_for(s["u"])() == scan
-    assert RET._auto_for(torch.zeros(1, 2, 197, 4))() == "parallel"
-    assert RET._auto_for(torch.zeros(1, 2, 1024, 4))() == "chunkwise"  # long: chunkwise
+    assert SCAN.OP.auto(s["u"]) == scan
+    assert RET.OP.auto(torch.zeros(1, 2, 197, 4)) == "parallel"
+    assert RET.OP.auto(torch.zeros(1, 2, 1024, 4)) == "chunkwise"  # long: chunkwise
     assert 1024 * 16 * 256 * 256 > RET.PARALLEL_MAX_SCORES
-    assert RET._auto_for(torch.zeros(1024, 16, 256, 1))() == "chunkwise"  # short but many scores
+    assert RET.OP.auto(torch.zeros(1024, 16, 256, 1)) == "chunkwise"  # short but many scores
     s = {k: (v.requires_grad_() if k == "u" else v) for k, v in s.items()}
-    selective_scan(**s)
-    assert LAST_CHOICE["selective_scan"][0] == scan
-    with torch.no_grad():
+    with record_choices() as choices:
         selective_scan(**s)
-    assert LAST_CHOICE["selective_scan"][0] == scan
+        assert choices["selective_scan"] == (scan, BY_RULE)
+        with torch.no_grad():
+            selective_scan(**s)
+    assert choices["selective_scan"] == (scan, BY_RULE)
+
+
+def test_choices_are_recorded_only_when_asked(monkeypatch):
+    """Outside record_choices() a call writes nothing; inside, each op's latest choice and how it
+    was made; a nested block records into its own dict and the outer one resumes after it."""
+    q = torch.randn(1, 2, 5, 4)
+    defocus_attention(q, q, q)
+    with record_choices() as outer:
+        assert outer == {}
+        defocus_attention(q, q, q, backend="reference")
+        with record_choices() as inner:
+            monkeypatch.setenv(ENV_VAR, "attention=sdpa")
+            defocus_attention(q, q, q)
+        assert inner == {"attention": ("sdpa", BY_ENV)}
+        assert outer == {"attention": ("reference", BY_ARGUMENT)}
+        causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 4))
+    defocus_attention(q, q, q, backend="reference")
+    assert outer == {"attention": ("reference", BY_ARGUMENT), "causal_conv1d": ("torch", BY_RULE)}
+
+
+def test_the_automatic_rule_runs_once_per_kind_of_input():
+    """The rule's answer is cached per (device type, shape class): more calls of the same kind,
+    here differently sized but all short, are cache hits; a long input is a new kind."""
+    RET.OP.rule.cache_clear()
+    lam = torch.tensor([-0.1, -0.2])
+    for length in (3, 5, 7):
+        q = torch.randn(1, 2, length, 4)
+        retention(q, q, q, lam)
+    info = RET.OP.rule.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    q = torch.randn(1, 2, RET.PARALLEL_MAX_LENGTH + 1, 4)
+    retention(q, q, q, lam)
+    assert RET.OP.rule.cache_info().misses == 2
+
+
+def test_dispatch_traces_without_graph_breaks_or_cache_warnings():
+    """Under torch.compile(fullgraph=True) the choice is made in traced code: no graph break, no
+    warning about tracing through the LRU cache, the scan's traceable recurrence, the same result."""
+    import warnings
+
+    def f(q, lam, s):
+        return defocus_attention(q, q, q, lam).sum() + selective_scan(**s).sum()
+
+    q, lam = torch.randn(1, 2, 5, 4), torch.tensor([-0.1, -0.2])
+    s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with record_choices() as choices:
+            compiled = torch.compile(f, fullgraph=True, backend="eager")(q, lam, s)
+    assert choices["selective_scan"] == ("reference", BY_RULE)
+    torch.testing.assert_close(compiled, f(q, lam, s))
 
 
 def test_explicit_backend_beats_env_var(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "selective_scan=reference")
-    assert resolve("selective_scan", "chunked", SCAN.BACKENDS, lambda: "chunked") == "chunked"
-    assert resolve("selective_scan", "auto", SCAN.BACKENDS, lambda: "chunked") == "reference"
+    u = torch.zeros(1, 2, 3)
+    assert SCAN.OP.choose("chunked", u) == "chunked"
+    assert SCAN.OP.choose("auto", u) == "reference"
+
+
+def test_env_var_per_op_entry_beats_the_bare_one(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "reference, retention=recurrent")
+    q = torch.zeros(1, 2, 3, 4)
+    assert RET.OP.choose("auto", q) == "recurrent"
+    assert ATTN.OP.choose("auto", q, None) == "reference"
 
 
 def test_unknown_backend_names_the_available_ones(monkeypatch):

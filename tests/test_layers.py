@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("kernels", "encoders", "models", "data", "training", "eval", "cli")
 RANK = {"kernels": 0, "encoders": 1, "models": 2, "data": 3, "training": 4, "eval": 4, "cli": 5}
 # Top-level modules of defocus_vlm that sit above the models: the command line and the benchmarks.
-CLI_MODULES = ("cli", "commands", "demo", "config_reference", "gpu_check", "stream_benchmark")
+CLI_MODULES = ("cli", "commands", "demo", "config_reference", "gpu_check", "bench")
 
 
 def layer_of(module: str) -> str | None:

@@ -35,7 +35,7 @@ CHATML_GENERATION = (
     "{% else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-IMAGE_TOKENS = 5
+IMAGE_TOKENS = 5  # an 8 px image in 4 px patches: 4 patches + the class token
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,17 @@ def tokenizer():
                                   additional_special_tokens=["<|im_start|>", "<image>"])
     tok.chat_template = CHATML
     return tok
+
+
+def encoder_of(tokenizer, **kwargs) -> ConversationEncoder:
+    """A ConversationEncoder through the processor of a model whose images become IMAGE_TOKENS tokens."""
+    from defocus_vlm import DefocusImageProcessor, DefocusVisionConfig, DefocusVLMConfig, DefocusVLMProcessor
+
+    config = DefocusVLMConfig(vision_config=DefocusVisionConfig(img_size=8, patch_size=4),
+                              image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    processor = DefocusVLMProcessor.from_config(config, tokenizer, DefocusImageProcessor(size=8), chat_template=CHATML)
+    assert processor.num_image_tokens() == IMAGE_TOKENS
+    return ConversationEncoder(processor, **kwargs)
 
 
 def conversation(*turns: str) -> list[dict]:
@@ -80,7 +91,7 @@ def labelled_text(tokenizer, labels: torch.Tensor | list) -> list[str]:
 
 def test_multi_turn_labels_are_exactly_the_assistant_turns(tokenizer):
     messages = conversation("<image>\nis it red?", "yes", "what shape is it?", "a red circle")
-    enc = ConversationEncoder(tokenizer, "<image>", IMAGE_TOKENS).encode(read_conv(messages, images=["a.png"]))
+    enc = encoder_of(tokenizer).encode(read_conv(messages, images=["a.png"]))
     assert labelled_text(tokenizer, enc.labels) == ["yes<|im_end|>\n", "a red circle<|im_end|>\n"]
     # everything that is not an assistant turn is ignored, and labels equal the ids where trained
     trained = enc.labels != IGNORE_INDEX
@@ -106,7 +117,7 @@ def test_template_whose_prefixes_change_is_refused(tokenizer):
 
 def test_multi_image_placeholders_expand_and_are_masked(tokenizer):
     messages = conversation("<image> and <image>: same colour?", "no", "and this one <image>?", "yes")
-    encoder = ConversationEncoder(tokenizer, "<image>", IMAGE_TOKENS)
+    encoder = encoder_of(tokenizer)
     enc = encoder.encode(read_conv(messages, images=["a.png", "b.png", "c.png"]))
     image_id = encoder.image_token_id
     assert int((enc.input_ids == image_id).sum()) == 3 * IMAGE_TOKENS
@@ -121,30 +132,30 @@ def test_multi_image_placeholders_expand_and_are_masked(tokenizer):
 def test_truncation_keeps_labels_aligned_and_never_cuts_images(tokenizer):
     messages = conversation("<image>\nq1", "first answer", "q2", "second answer that is long")
     conv = read_conv(messages, images=["a.png"])
-    full = ConversationEncoder(tokenizer, "<image>", IMAGE_TOKENS, max_length=10_000).encode(conv)
+    full = encoder_of(tokenizer, max_length=10_000).encode(conv)
     cut_at = int((full.labels != IGNORE_INDEX).nonzero()[0][-1]) - 3  # inside the last answer
-    cut = ConversationEncoder(tokenizer, "<image>", IMAGE_TOKENS, max_length=cut_at).encode(conv)
+    cut = encoder_of(tokenizer, max_length=cut_at).encode(conv)
     assert len(cut.input_ids) == cut_at
     assert (cut.input_ids == full.input_ids[:cut_at]).all() and (cut.labels == full.labels[:cut_at]).all()
     assert labelled_text(tokenizer, cut.labels)[0] == "first answer<|im_end|>\n"
 
     image_end = int((full.input_ids == tokenizer.convert_tokens_to_ids("<image>")).nonzero()[0][-1])
-    encoder = ConversationEncoder(tokenizer, "<image>", IMAGE_TOKENS, max_length=image_end)  # last image token cut
+    encoder = encoder_of(tokenizer, max_length=image_end)  # last image token cut
     assert encoder.encode(conv) is None and encoder.dropped == {"image tokens do not fit": 1}
     # fits the image but no answer token: dropped, never trained on an empty target
-    encoder = ConversationEncoder(tokenizer, "<image>", IMAGE_TOKENS, max_length=image_end + 3)
+    encoder = encoder_of(tokenizer, max_length=image_end + 3)
     assert encoder.encode(conv) is None and encoder.dropped == {"no answer tokens": 1}
 
-    drop = ConversationEncoder(tokenizer, "<image>", IMAGE_TOKENS, max_length=cut_at, overlong="drop")
+    drop = encoder_of(tokenizer, max_length=cut_at, overlong="drop")
     assert drop.encode(conv) is None and drop.dropped == {"too long": 1}
-    strict = ConversationEncoder(tokenizer, "<image>", IMAGE_TOKENS, max_length=cut_at, overlong="error")
+    strict = encoder_of(tokenizer, max_length=cut_at, overlong="error")
     with pytest.raises(DataError, match=f"more than max_length {cut_at}"):
         strict.encode(conv)
 
 
 def test_prompt_encoding_matches_the_training_prefix(tokenizer):
     messages = conversation("<image>\nwhat colour?", "red")
-    encoder = ConversationEncoder(tokenizer, "<image>", IMAGE_TOKENS)
+    encoder = encoder_of(tokenizer)
     enc = encoder.encode(read_conv(messages, images=["a.png"]))
     prompt = encoder.encode_prompt(messages[:1])
     first_label = int((enc.labels != IGNORE_INDEX).nonzero()[0][0])

@@ -16,8 +16,7 @@ easy_vqa = pytest.importorskip("easy_vqa", reason="the packaged tasks read the e
 
 from defocus_vlm.eval import lmms_eval_plugin  # noqa: E402
 from defocus_vlm.eval.vqa_metrics import exact_match  # noqa: E402
-
-from defocus_vlm.modeling_vlm import tiny_vlm  # noqa: E402
+from vlm_helpers import tiny_vlm  # noqa: E402
 
 torch.set_num_threads(1)
 

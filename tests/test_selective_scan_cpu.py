@@ -197,6 +197,7 @@ def test_fallback_to_the_recurrence_when_the_build_fails(monkeypatch, caplog):
 
     monkeypatch.setattr(FUSED, "_load", broken)
     FUSED.load_error.cache_clear()
+    SCAN.OP.rule.cache_clear()  # the automatic choice was cached while the build worked
     try:
         with caplog.at_level(logging.WARNING, logger=FUSED.__name__):
             assert SCAN.auto_backend("cpu") == "reference"
@@ -210,6 +211,7 @@ def test_fallback_to_the_recurrence_when_the_build_fails(monkeypatch, caplog):
             selective_scan(**inputs, backend="fused")
     finally:
         FUSED.load_error.cache_clear()  # the real loader again (the ops are already registered)
+        SCAN.OP.rule.cache_clear()
 
 
 def test_extension_is_cached_per_cpu_capability_and_respects_torch_extensions_dir(monkeypatch, tmp_path):

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from defocus_vlm.cli import main
-from defocus_vlm.commands.data import SHORT_ANSWER_PROMPT
 from defocus_vlm.data.shapes_vqa import (
     COLORS,
     HELD_OUT_COMBINATIONS,
@@ -27,6 +26,7 @@ from defocus_vlm.data.shapes_vqa import (
     make_scene,
     render,
 )
+from defocus_vlm.data.vqa import SHORT_ANSWER_PROMPT
 
 # The small set every test reads: 240 train scenes, 80 each for test and test_unseen, 96 px.
 SMALL = ["--images", "240", "--test-images", "80", "--questions-per-image", "4", "--img-size", "96"]

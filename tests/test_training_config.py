@@ -3,6 +3,7 @@ data checks and the sampler (no training)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 
@@ -345,9 +346,9 @@ def _old_groups(model) -> tuple[set, set]:
 def _models_of_every_preset():
     """(label, model) for every preset x decay x RoPE setting at test size, a CLIP model and a VLM."""
     from conftest import ALL_PRESETS, tiny_config
+    from vlm_helpers import tiny_vlm
 
     from defocus_vlm import DefocusCLIPConfig, DefocusCLIPModel, DefocusVisionForImageClassification
-    from defocus_vlm.modeling_vlm import tiny_vlm
 
     for preset in ALL_PRESETS:
         for decay in ("none", "fixed", "learnable"):
@@ -452,8 +453,11 @@ def test_imagefolder_corrupt_skip_or_fail(tmp_path):
     src = open_source("auto", root, "train")
     assert src.classes == ["cat", "dog"] and len(src) == 7
     broken = next(i for i in range(len(src)) if src.where(i).endswith("broken.png"))
-    with pytest.warns(UserWarning, match="1 of 7"):
+    with pytest.warns(UserWarning, match="1 of all 7 images are unreadable and will be skipped"):
         verify_source(src, -1, "train")
+    with pytest.raises(DataError, match=r"train split: 1 of all 7 images cannot be read \(first: .*broken.png"):
+        verify_source(src, 64, "train", on_corrupt="fail")  # a small set is checked whole
+    verify_source(src, 7, "train", on_corrupt="fail", limit=broken)  # the broken one is beyond the limit
     tf = lambda img: torch.from_numpy(np.asarray(img.convert("L").resize((8, 8)), dtype=np.float32))  # noqa: E731
     skip = ClassificationDataset(src, tf, on_corrupt="skip")
     x, label, skipped = skip[broken]
@@ -462,6 +466,19 @@ def test_imagefolder_corrupt_skip_or_fail(tmp_path):
     with pytest.raises(DataError, match="broken.png"):
         fail[broken]
     assert len(open_source("imagefolder", root, "val")) == 6
+
+
+def test_on_corrupt_fail_stops_every_stage_at_start_up(tmp_path):
+    """data.on_corrupt=fail: the stage refuses its data while building it (before any model or engine)."""
+    from defocus_vlm.training.classification import ClassificationTask
+
+    root = _image_folder(tmp_path / "folder")
+    cfg = load_config("tiny_cpu", [f"data.path={root}", "data.source=imagefolder", "data.on_corrupt=fail",
+                                   "data.limit_train=0", "data.verify=64", "data.in_chans=3"])
+    with pytest.raises(DataError, match="broken.png.*data.on_corrupt=skip"):
+        ClassificationTask(cfg).build_data()
+    with pytest.warns(UserWarning, match="broken.png"):
+        ClassificationTask(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_corrupt="skip"))).build_data()
 
 
 def test_hf_dataset_columns(tmp_path):

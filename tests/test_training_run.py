@@ -94,11 +94,24 @@ def test_resume_reproduces_uninterrupted_losses(full_run, tmp_path):
     assert first.get("interrupted") and len(first["losses"]) == 5
     with pytest.raises(ValueError, match="--resume"):
         run(tiny(tmp_path))
+    original = (tmp_path / "config.yaml").read_text()
+    # a run killed after its step-5 checkpoint had logged steps 6 and 7 (and half a line) already
+    with open(tmp_path / "history.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 9.0, "lr": 0.1}\n{"step": 7, "loss": 9.0, "lr": 0.1}\n{"step": 8, "lo')
     second = run(tiny(tmp_path, "train.stop_after=11"), resume=True)
     assert second.get("interrupted")
     rest = run(tiny(tmp_path), resume=True)
     assert rest["losses"] == full["losses"]  # exact, not approximate
     assert rest["val"] == full["val"]
+    records = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 17))  # each step once, the killed run's 6 and 7 replaced by the resumed ones
+    assert [r["loss"] for r in records if "loss" in r] == pytest.approx(full["losses"])
+    # the original config stays; each resume is recorded with what it changed
+    assert (tmp_path / "config.yaml").read_text() == original
+    first_resume = (tmp_path / "config.resume-1.yaml").read_text()
+    assert first_resume.startswith("# resume 1 from step_5; changed: train.stop_after: 5 -> 11")
+    assert "train.stop_after: 11 -> 0" in (tmp_path / "config.resume-2.yaml").read_text().splitlines()[0]
 
 
 def test_export_reloads_and_evaluates_to_same_accuracy(full_run):

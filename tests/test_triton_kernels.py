@@ -156,7 +156,7 @@ def test_triton_scan_dispatch_bf16_in_interpreter(interpreter_results):
 def test_triton_scan_registered_and_never_auto_on_cpu():
     assert "triton" in scan_mod.BACKENDS
     u = torch.zeros(1, 2, 3)
-    assert scan_mod._auto_for(u)() in ("fused", "reference")  # the CPU choices: never the interpreter
+    assert scan_mod.OP.auto(u) in ("fused", "reference")  # the CPU choices: never the interpreter
 
 
 def test_triton_scan_refuses_cpu_outside_interpreter(monkeypatch):
@@ -236,8 +236,8 @@ def test_flex_cpu_refuses_qkv_backward_clearly():
 def test_flex_auto_rule_on_cpu_is_sdpa():
     q = torch.zeros(1, 1, 2, 4)
     assert "flex" in attn_mod.BACKENDS
-    assert attn_mod._auto_for(q, -torch.ones(1))() == "sdpa"
-    assert attn_mod._auto_for(q, None)() == "sdpa"
+    assert attn_mod.OP.auto(q, -torch.ones(1)) == "sdpa"
+    assert attn_mod.OP.auto(q, None) == "sdpa"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (FlexAttention compiled kernels)")
@@ -328,8 +328,8 @@ def test_fla_glue_inference_uses_g_gamma():
 
 def test_fla_auto_rule_never_picks_fla_on_cpu():
     assert "fla" in ret_mod.BACKENDS
-    assert ret_mod._auto_for(torch.zeros(1, 1, 2, 4))() == "parallel"
-    assert ret_mod._auto_for(torch.zeros(1, 1, 2**14, 4))() == "chunkwise"
+    assert ret_mod.OP.auto(torch.zeros(1, 1, 2, 4)) == "parallel"
+    assert ret_mod.OP.auto(torch.zeros(1, 1, 2**14, 4)) == "chunkwise"
 
 
 @pytest.mark.skipif(not (HAS_CUDA and _has("fla.ops.simple_gla")),

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_config
 from defocus_vlm.training.config import ConfigError, load_config
+from vlm_helpers import tiny_vlm
 
 from defocus_vlm import DefocusCLIPConfig, DefocusCLIPModel
-from defocus_vlm.modeling_vlm import tiny_vlm
 
 torch.set_num_threads(1)
 LLAMA = dict(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CompileConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from vlm_helpers import tiny_vlm
 
 from defocus_vlm.compat import CACHE_NAME
-from defocus_vlm.modeling_vlm import tiny_vlm
 
 torch.set_num_threads(1)
 VARIED = {"initializer_range": 0.3}  # random tiny LMs at std 0.02 repeat one token; these vary
@@ -141,6 +141,20 @@ def test_can_compile_fullgraph_is_set_by_the_language_model():
     mamba, _ = make("mamba")
     assert llama._can_compile_fullgraph is True  # LlamaForCausalLM's, and the VLM adds no graph break
     assert mamba._can_compile_fullgraph is False
+
+
+def test_training_forward_compiles_whole_and_gives_the_eager_loss(llama_vlm):
+    """With labels, eager calls keep only the trained positions' logits (a data-dependent shape); traced code keeps
+    them all, so the forward with labels still compiles without a graph break, to the same loss."""
+    model, processor = llama_vlm
+    inputs = prompt(processor, "ab<image>cdef")
+    labels = inputs["input_ids"].clone()
+    labels[0, :-3] = -100
+    with torch.no_grad():
+        eager = model(**inputs, labels=labels)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(**inputs, labels=labels)
+    assert eager.logits.shape[1] == 3 and compiled.logits.shape[1] == inputs["input_ids"].shape[1]
+    torch.testing.assert_close(compiled.loss, eager.loss)
 
 
 def test_static_cache_and_compiled_generation_equal_eager(llama_vlm):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from vlm_helpers import tiny_vlm
 
 from defocus_vlm import DefocusVisionConfig, DefocusVLMConfig
 from defocus_vlm.compat import disable_activation_checkpointing, enable_activation_checkpointing
 from defocus_vlm.llm import tiny_llama_config
-from defocus_vlm.modeling_vlm import tiny_vlm
 
 torch.set_num_threads(1)
 
@@ -124,13 +124,44 @@ def test_loss_is_shifted_next_token_cross_entropy_over_text(llama_vlm):
     labels = inputs["input_ids"].clone()
     labels[0, :2] = -100
     out = model(**inputs, labels=labels)
+    with torch.no_grad():
+        logits = model(**inputs).logits
     targets = labels[0, 1:].masked_fill(inputs["input_ids"][0, 1:] == model.config.image_token_id, -100)
-    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], targets, ignore_index=-100)
+    expected = torch.nn.functional.cross_entropy(logits[0, :-1], targets, ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     for part in (model.vision_tower, model.multi_modal_projector, model.language_model):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     model.zero_grad()
+
+
+@pytest.mark.parametrize("text_model", ["llama", "mamba"])
+def test_loss_from_the_kept_positions_equals_the_full_logits_loss_in_float64(text_model):
+    """With labels the head runs only where some sample trains its next token; the loss (mean, and summed with
+    num_items_in_batch) equals the cross-entropy of the full logits, and the logits are those positions' rows."""
+    torch.manual_seed(0)
+    model, processor = tiny_vlm(text_model, text_overrides=VARIED)
+    model = model.double().eval()
+    inputs = batch(processor, ["ab<image>cdefgh", "x<image>yz"], [image(0), image(1)])
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[0, :-4], labels[1, :-2] = -100, -100  # answers: the last tokens of each sample
+    with torch.no_grad():
+        full = model(**inputs).logits
+        kept = model(**inputs, labels=labels)
+        summed = model(**inputs, labels=labels, num_items_in_batch=1).loss
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    trained = (targets != -100).any(0).nonzero().squeeze(1)
+    assert 0 < len(trained) < labels.shape[1] - 17  # far fewer rows than positions
+    # transformers' Mamba head returns float32 logits whatever the weights' dtype; Llama's stay float64
+    assert full.dtype == (torch.float32 if text_model == "mamba" else torch.float64)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if full.dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kept.logits, full[:, trained], **tolerance)
+    reference = torch.nn.functional.cross_entropy(full.double().flatten(0, 1), targets.flatten(), reduction="none")
+    torch.testing.assert_close(kept.loss.double(), reference.sum() / (targets != -100).sum(), **tolerance)
+    torch.testing.assert_close(summed.double(), reference.sum(), **tolerance)
+    with pytest.raises(ValueError, match="logits_to_keep is chosen from the labels"):
+        model(**inputs, labels=labels, logits_to_keep=1)
 
 
 def test_gradient_checkpointing_reaches_encoder_and_language_model(llama_vlm):

@@ -3,14 +3,17 @@ pipeline on a tiny saved model, and the language-model loaders (SmolLM2 offline,
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
 from transformers import AutoProcessor, pipeline
+from vlm_helpers import tiny_vlm
 
-from defocus_vlm import DefocusVLMProcessor, build_vlm
+from defocus_vlm import DefocusVLMConfig, DefocusVLMProcessor, build_vlm
 from defocus_vlm.llm import (
     SMOLLM2_ALIAS,
     build_char_tokenizer,
@@ -18,7 +21,6 @@ from defocus_vlm.llm import (
     smollm2_available,
     smollm2_dir,
 )
-from defocus_vlm.modeling_vlm import tiny_vlm
 from defocus_vlm.processing_vlm import add_image_token
 
 torch.set_num_threads(1)
@@ -56,13 +58,64 @@ def test_placeholders_and_images_must_agree():
         processor(text=["a<image>b<image>"], images=[image(0)])
 
 
-def test_processor_needs_the_image_token_in_the_tokenizer():
+def test_processor_needs_the_image_token_in_the_tokenizer_and_the_models_config():
     tokenizer = build_char_tokenizer()
+    _, processor = tiny_vlm("llama")
     with pytest.raises(ValueError, match="no '<vision>' token"):
-        DefocusVLMProcessor(image_processor=tiny_vlm("llama")[1].image_processor, tokenizer=tokenizer,
-                            image_token="<vision>")
+        DefocusVLMProcessor(image_processor=processor.image_processor, tokenizer=tokenizer, image_token="<vision>",
+                            config=DefocusVLMConfig(vision_config=tiny_config()))
+    with pytest.raises(ValueError, match="needs the model's DefocusVLMConfig"):
+        DefocusVLMProcessor(image_processor=processor.image_processor, tokenizer=tokenizer)
     assert add_image_token(tokenizer, "<vision>") == len(tokenizer) - 1
     assert add_image_token(tokenizer, "<vision>") == len(tokenizer) - 1  # already there: unchanged
+
+
+def test_the_layout_is_the_models_config_and_the_token_level_expansion_agrees(saved_vlm):
+    model, processor, path = saved_vlm
+    assert processor.vlm_config is model.config  # built together: one config object
+    assert "patch_size" not in json.loads((path / "processor_config.json").read_text())  # config.json is the copy
+    loaded = AutoProcessor.from_pretrained(path)
+    layout = ("vision_feature_select", "vision_feature_layer", "image_token_id")
+    assert {k: getattr(loaded.vlm_config, k) for k in layout} == {k: getattr(model.config, k) for k in layout}
+    assert loaded.vlm_config.vision_config.to_dict() == model.config.vision_config.to_dict()
+    text = loaded.apply_chat_template([{"role": "user", "content": "<image>hi <image>"}], add_generation_prompt=True)
+    by_text = loaded(text=[text], images=[image(0), image(1)], return_tensors="pt")["input_ids"][0]
+    placeholders = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids, mask = loaded.expand_image_tokens(placeholders, [1] * len(placeholders))
+    assert by_text.tolist() == ids.tolist() and len(mask) == len(ids)
+    assert (ids == loaded.image_token_id).sum() == 2 * model.config.num_image_tokens() == 34
+    assert (loaded.expand_image_tokens(placeholders, image_size=(32, 16))[0] == loaded.image_token_id).sum() == 66
+
+
+# processor_config.json as versions before the processor read the model's config wrote it (layout copies in it)
+OLD_PROCESSOR_CONFIG = {"has_class_token": True, "image_processor": {
+    "crop_pct": 0.875, "image_mean": [0.485, 0.456, 0.406], "image_processor_type": "DefocusImageProcessor",
+    "image_std": [0.229, 0.224, 0.225], "num_channels": 3, "size": 16}, "image_token": "<image>", "patch_size": 4,
+    "processor_class": "DefocusVLMProcessor", "vision_feature_select": "all"}
+
+
+@pytest.mark.parametrize("select, per_image", [("all", 17), ("patches", 16), ("cls", 1)])
+def test_directories_saved_the_old_way_still_load(tmp_path, select, per_image):
+    """A model directory whose processor_config.json still holds the layout copies loads (the model's config.json
+    decides), and so does an old processor saved on its own (its copies give the layout); a processor saved on its
+    own now cannot know its layout: one clear error."""
+    model, processor = tiny_vlm("llama", vision_feature_select=select)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "alone")
+    old = dict(OLD_PROCESSOR_CONFIG, vision_feature_select=select)
+    for folder in ("model", "alone"):
+        (tmp_path / folder / "processor_config.json").write_text(json.dumps(old))
+        loaded = AutoProcessor.from_pretrained(tmp_path / folder)
+        assert loaded.num_image_tokens() == per_image, folder
+        out = loaded(text=["a<image>"], images=[image(0)], return_tensors="pt")
+        assert (out["input_ids"] == loaded.image_token_id).sum() == per_image
+    with torch.no_grad():  # the old directory's processor feeds its model
+        model(**AutoProcessor.from_pretrained(tmp_path / "model")(text=["a<image>"], images=[image(0)],
+                                                                  return_tensors="pt"))
+    processor.save_pretrained(tmp_path / "new_alone")
+    with pytest.raises(FileNotFoundError, match="config.json not found: a DefocusVLMProcessor reads the image-token"):
+        AutoProcessor.from_pretrained(tmp_path / "new_alone")
 
 
 def test_chat_template_renders_typed_parts_in_order(saved_vlm):

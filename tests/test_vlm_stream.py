@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache, MambaForCausalLM
+from vlm_helpers import tiny_vlm
 
+from defocus_vlm.bench.stream import run_stream_benchmark
 from defocus_vlm.cli import main as cli_main
 from defocus_vlm.compat import CACHE_NAME, cache_argument, cache_of
 from defocus_vlm.llm import tiny_mamba_config
-from defocus_vlm.modeling_vlm import tiny_vlm
-from defocus_vlm.stream_benchmark import run_stream_benchmark
 
 torch.set_num_threads(1)
 

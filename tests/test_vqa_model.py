@@ -9,11 +9,11 @@ import pytest
 import torch
 from defocus_vlm.eval.vqa import run_vqa_eval
 from PIL import Image
+from vlm_helpers import tiny_vlm
 
 from defocus_vlm.cli import main
 from defocus_vlm.data.vqa import SHORT_ANSWER_PROMPT, VQASample
 from defocus_vlm.inference import VLMAnswerer
-from defocus_vlm.modeling_vlm import tiny_vlm
 
 torch.set_num_threads(1)
 

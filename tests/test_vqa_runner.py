@@ -4,6 +4,7 @@ metrics per benchmark kind."""
 from __future__ import annotations
 
 import json
+import os
 import zlib
 
 import pytest
@@ -73,6 +74,21 @@ def test_interrupted_run_resumes(tmp_path):
     idle = FakeAnswerer()
     assert run_vqa_eval(idle, samples, "easy-vqa", out, batch_size=8, progress=False) == reference
     assert idle.batch_sizes == []
+
+
+def test_an_output_dir_in_use_is_refused(tmp_path):
+    """Another evaluation (here: a lock held in this process) owns the directory: nothing is answered or
+    written; once it is released, the evaluation runs."""
+    from defocus_vlm.run_lock import RunDirError, RunLock
+
+    samples, out = _samples(tmp_path, n=4), tmp_path / "run"
+    held = RunLock(out)
+    idle = FakeAnswerer()
+    with pytest.raises(RunDirError, match=f"is in use by another run \\(pid {os.getpid()} on "):
+        run_vqa_eval(idle, samples, "easy-vqa", out, progress=False)
+    assert idle.batch_sizes == [] and not (out / "predictions.jsonl").exists()
+    held.release()
+    assert run_vqa_eval(FakeAnswerer(), samples, "easy-vqa", out, progress=False)["samples"] == 4
 
 
 def test_resume_after_a_last_record_without_its_newline(tmp_path):

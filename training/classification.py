@@ -77,8 +77,8 @@ class ClassificationTask(StageTask):
         train_src = open_source(d.source, d.path, d.train_split, d.image_column, d.label_column)
         val_src = open_source(d.source, d.path, d.val_split, d.image_column, d.label_column)
         if d.verify:
-            verify_source(train_src, d.verify, "train")
-            verify_source(val_src, d.verify, "val")
+            verify_source(train_src, d.verify, "train", d.on_corrupt, d.limit_train)
+            verify_source(val_src, d.verify, "val", d.on_corrupt, d.limit_val)
         self.classes = train_src.classes
         self.val_ds = ClassificationDataset(val_src, EvalTransform(d), d.on_corrupt, d.limit_val)
         self.mixup = build_mixup(cfg.augment, len(self.classes))

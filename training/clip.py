@@ -234,9 +234,9 @@ class ClipTask(StageTask):
         train_src = open_pairs(d.source, d.path, d.train_split, d.image_column, d.caption_column, d.templates)
         val_src = self._open_val()
         if d.verify:
-            verify_source(train_src, d.verify, "train")
+            verify_source(train_src, d.verify, "train", d.on_corrupt, d.limit_train)
             if val_src is not None:
-                verify_source(val_src, d.verify, "val")
+                verify_source(val_src, d.verify, "val", d.on_corrupt, d.limit_val)
         self.val_pairs = val_src
         # labelled validation data is scored zero-shot (class-name prompts), anything else by retrieval
         self.zeroshot = isinstance(val_src, TemplatedPairs) and val_src.names is not None

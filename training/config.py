@@ -23,7 +23,7 @@ import yaml
 from defocus_vlm.data.classification import FASHION_MNIST_DIR
 from defocus_vlm.overrides import parse_assignment
 
-from .fields import ConfigError, check_fields, choice, num  # ConfigError: callers import it from here
+from .fields import ConfigError, check_fields, choice, free, num  # ConfigError: callers import it from here
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -56,9 +56,10 @@ class ImageDataConfig:
     mean: list | None = None  # normalisation mean per channel (null: ImageNet's, or 0.5 for grey)
     std: list | None = num(None, gt=0)  # normalisation std per channel (null: ImageNet's, or 0.5 for grey)
     interpolation: str = "bicubic"  # resize filter (bicubic, bilinear, ...)
-    num_workers: int = num(0, ge=0)  # DataLoader worker processes
-    on_corrupt: str = choice("skip", *ON_CORRUPT)  # "skip" (replace with the next image, count it) | "fail"
-    verify: int = num(64, ge=-1)  # images decoded per split before training (-1 = all, 0 = none)
+    num_workers: int = num(0, ge=0, resume_free=True)  # DataLoader worker processes
+    on_corrupt: str = choice("skip", *ON_CORRUPT,
+                             resume_free=True)  # "skip" (replace with the next image, count it) | "fail"
+    verify: int = num(64, ge=-1, resume_free=True)  # images decoded per split before training (-1 = all, 0 = none)
     limit_train: int = num(0, ge=0)  # use only the first N training samples (0 = all): tiny/debug runs
     limit_val: int = num(0, ge=0)  # use only the first N validation samples (0 = all)
 
@@ -115,9 +116,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = num(300, ge=1)  # passes over the training data (with max_steps, whichever ends first)
     batch_size: int = num(512, ge=1)  # global: micro_batch_size * world_size * gradient accumulation
-    micro_batch_size: int = num(0, ge=0)  # per process; 0 = batch_size / world_size (no accumulation)
+    micro_batch_size: int = num(0, ge=0, resume_free=True)  # per process; 0 = batch_size / world_size (no accumulation)
     max_steps: int = num(0, ge=0)  # stop after N optimiser steps (0 = epochs decide): fixed-budget runs
-    stop_after: int = num(0, ge=0)  # checkpoint and exit after global step N, schedule unchanged (time-sliced jobs)
+    stop_after: int = num(0, ge=0, resume_free=True)  # checkpoint and exit after global step N (time-sliced jobs)
     drop_path_min: float = num(0.1, ge=0, lt=1)  # drop-path rate of the first epoch
     drop_path_max: float = num(0.7, ge=0, lt=1)  # drop-path rate of the last epoch (the paper's rising schedule)
     drop_path_schedule: str = choice("linear", "linear", "constant")  # "linear" (rising per epoch) | "constant" (= max)
@@ -125,15 +126,15 @@ class TrainConfig:
     seed: int = num(0, ge=0)  # seed of the model init, the data order and every step's augmentation
     deepspeed: str = "zero2"  # a name in configs/deepspeed/ or a path to a JSON file
     precision: str = choice("auto", *PRECISIONS)  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    cpu_threads: int = num(0, ge=0)  # torch intra-op threads (0 = torch's default); 1 is fastest on a busy CPU
-    checkpoint_every: int = num(0, ge=0)  # optimiser steps between checkpoints (0 = only at epoch ends)
-    keep_checkpoints: int = num(2, ge=0)  # checkpoints kept on disk, oldest removed (0 = all)
-    eval_every: int = num(1, ge=0)  # epochs between validation passes (0 = only at the end)
-    eval_batch_size: int = num(256, ge=1)  # batch size of the validation passes
-    log_every: int = num(10, ge=1)  # steps between log lines when the progress bar is off
-    output_dir: str = "runs/classification"  # run directory: config, checkpoints, logs, metrics, exported model
-    tensorboard: bool = True  # write TensorBoard scalars under output_dir/tensorboard
-    progress: bool = True  # show a progress bar (loss, LR, throughput, ETA)
+    cpu_threads: int = num(0, ge=0, resume_free=True)  # torch intra-op threads (0 = torch's); 1 is fastest on busy CPUs
+    checkpoint_every: int = num(0, ge=0, resume_free=True)  # optimiser steps between checkpoints (0 = at epoch ends)
+    keep_checkpoints: int = num(2, ge=0, resume_free=True)  # checkpoints kept on disk, oldest removed (0 = all)
+    eval_every: int = num(1, ge=0, resume_free=True)  # epochs between validation passes (0 = only at the end)
+    eval_batch_size: int = num(256, ge=1, resume_free=True)  # batch size of the validation passes
+    log_every: int = num(10, ge=1, resume_free=True)  # steps between log lines when the progress bar is off
+    output_dir: str = free("runs/classification")  # run directory: config, checkpoints, logs, metrics, exported model
+    tensorboard: bool = free(True)  # write TensorBoard scalars under output_dir/tensorboard
+    progress: bool = free(True)  # show a progress bar (loss, LR, throughput, ETA)
 
     def rules(self) -> list[tuple[bool, str]]:
         return [(self.drop_path_min <= self.drop_path_max, "need train.drop_path_min <= train.drop_path_max")]

@@ -7,8 +7,10 @@ is built from a vision tower (a preset, a stage-1 export or an extracted CLIP im
 language model (a path/name/alias for :func:`defocus_vlm.llm.load_llm`, or a config for a randomly
 initialised one) and a projector; or it starts from an existing VLM directory (``model.init_from``).
 
-The loss is computed only where it counts: the language model's head runs on the hidden states
-that predict a trained token, not on every image and prompt token (see :func:`next_token_loss`). Evaluation is
+The loss is the model's own ``forward(labels=...)``, which runs the language model's head only at the
+positions that predict a trained token, not on every image and prompt token. The processor is built
+first, from the model's config (:func:`defocus_vlm.build.vlm_config`): it encodes the conversations
+and is exported with the model, which ``build_model`` builds from that same config. Evaluation is
 greedy exact match on the held-out conversations (their last assistant turn) plus the teacher-forced
 loss. ``run(cfg, resume=False)`` returns the summary (with per-step losses)."""
 
@@ -16,17 +18,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from defocus_vlm import compat
 from defocus_vlm.configuration_vlm import FEATURE_SELECTS, PROJECTOR_TYPES
+from defocus_vlm.constants import IMAGE_TOKEN
+from defocus_vlm.data.classification import verify_source
 from defocus_vlm.data.llava import (
     IGNORE_INDEX,
-    LLAVA_IMAGE_TOKEN,
     OVERLONG_POLICIES,
     ConversationEncoder,
     LlavaCollator,
@@ -35,7 +38,7 @@ from defocus_vlm.data.llava import (
     resolve_images,
 )
 
-from .config import ConfigError, OptimConfig, RunConfig, TrainConfig, VisionTowerConfig
+from .config import ON_CORRUPT, ConfigError, OptimConfig, RunConfig, TrainConfig, VisionTowerConfig
 from .engine import all_reduce_sum
 from .export import export_model
 from .fields import choice, num
@@ -105,7 +108,9 @@ class InstructDataConfig:
     limit_train: int = num(0, ge=0)  # first N conversations only (0 = all)
     limit_eval: int = num(0, ge=0)  # score only the first N evaluation questions (0 = all)
     max_new_tokens: int = num(16, ge=1)  # generation length when scoring
-    num_workers: int = num(0, ge=0)  # DataLoader worker processes
+    num_workers: int = num(0, ge=0, resume_free=True)  # DataLoader worker processes
+    on_corrupt: str = choice("skip", *ON_CORRUPT, resume_free=True)  # unreadable image: "skip" the sample | "fail"
+    verify: int = num(64, ge=-1, resume_free=True)  # samples whose images are decoded before training (-1 = all)
 
 
 def _instruct_optim() -> OptimConfig:
@@ -164,7 +169,7 @@ def load_tokenizer(spec: str, train_json: str | None = None):
     if spec == WORD_TOKENIZER:
         if not train_json:
             raise ConfigError("model.llm.tokenizer: words builds its vocabulary from data.train_json; set it")
-        texts = [m["content"].replace(LLAVA_IMAGE_TOKEN, " ") for c in read_llava_json(train_json) for m in c.messages]
+        texts = [m["content"].replace(IMAGE_TOKEN, " ") for c in read_llava_json(train_json) for m in c.messages]
         return build_word_tokenizer(["system user assistant", *texts])
     return load_tokenizer(spec)
 
@@ -189,13 +194,11 @@ def saved_normalisation(source: str) -> tuple[list | None, list | None]:
     return None, None
 
 
-def random_language_model(config: dict, tokenizer):
-    """A randomly initialised causal LM from a config dict, sized to ``tokenizer`` (image token included)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def random_language_config(config: dict, tokenizer):
+    """The config of a randomly initialised causal LM from a config dict, its vocabulary and special tokens
+    the tokenizer's."""
+    from transformers import AutoConfig
 
-    from defocus_vlm.processing_vlm import add_image_token
-
-    add_image_token(tokenizer)
     values = dict(config)
     model_type = values.pop("model_type", None)
     if model_type is None:
@@ -204,7 +207,17 @@ def random_language_model(config: dict, tokenizer):
     values.update(vocab_size=len(tokenizer), pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id)
     try:
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values))
+        return AutoConfig.for_model(model_type, **values)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"model.llm.config: {err}") from err
+
+
+def random_language_model(text_config):
+    """A randomly initialised causal LM of ``text_config``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(copy.deepcopy(text_config))
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"model.llm.config: {err}") from err
 
@@ -214,53 +227,53 @@ def enable_activation_checkpointing(model) -> None:
     compat.enable_activation_checkpointing(model, {"use_reentrant": False})
 
 
-def head_reads_last_hidden(language_model) -> bool:
-    """Whether the language model's logits are its output embedding applied to its last hidden state
-    (transformers' Llama, Qwen, SmolLM2, Mamba, ...; not models that scale or soft-cap their logits)."""
-    head = language_model.get_output_embeddings()
-    if head is None:
-        return False
-    ids = torch.arange(min(4, language_model.config.vocab_size))[None]
-    with torch.no_grad():
-        out = language_model(input_ids=ids, output_hidden_states=True)
-    return bool(out.hidden_states) and torch.allclose(head(out.hidden_states[-1]), out.logits, atol=1e-5)
-
-
-def next_token_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-                    labels: torch.Tensor, head: torch.nn.Module | None = None, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the trained next tokens (``labels`` aligned with ``input_ids``, -100 ignored).
-
-    head: the language model's output embedding when its logits are ``head(last hidden state)`` (see
-    :func:`head_reads_last_hidden`): then only the hidden states that predict a trained token go
-    through it, which gives the same loss for far less work and memory with a large vocabulary.
-    Without it the model's full logits are used."""
-    targets = labels[:, 1:]
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
-    if head is None:
-        logits = model(**inputs).logits[:, :-1]
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction=reduction)
-    hidden = model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    return F.cross_entropy(head(hidden[rows, cols]).float(), targets[rows, cols], reduction=reduction)
-
-
 # --------------------------------------------------------------------------- the task
 class InstructTask(StageTask):
     name = "instruct"
     curve_metric = "exact_match"
 
+    # ---- the parts data and model share, built on first use (build_data and build_model may run in either order)
+    @cached_property
+    def vision(self):
+        """The vision tower: a DefocusVisionModel (an export's encoder), a DefocusVisionConfig (a preset), or None
+        when the model starts from ``model.init_from``."""
+        return None if self.cfg.model.init_from else vision_tower(self.cfg.model.vision)
+
+    @cached_property
+    def processor(self):
+        """The processor the data is encoded with and the model is exported with. Its config is the model's:
+        ``build_model`` builds the model of ``processor.vlm_config`` (or loads ``model.init_from``, whose saved
+        config the processor read)."""
+        from defocus_vlm import DefocusImageProcessor
+        from defocus_vlm.build import vlm_config
+        from defocus_vlm.llm import load_llm_config
+        from defocus_vlm.processing_vlm import DefocusVLMProcessor
+
+        m, d = self.cfg.model, self.cfg.data
+        if m.init_from:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(m.init_from)
+        else:
+            vision_config = getattr(self.vision, "config", self.vision)
+            tokenizer = load_tokenizer(m.llm.tokenizer or m.llm.name, d.train_json)
+            text_config = load_llm_config(m.llm.name) if m.llm.name else random_language_config(m.llm.config,
+                                                                                                 tokenizer)
+            config = vlm_config(vision_config, text_config, tokenizer, projector_type=m.projector_type,
+                                vision_feature_select=m.vision_feature_select,
+                                vision_feature_layer=m.vision_feature_layer)
+            mean, std = saved_normalisation(m.vision.source)
+            image_processor = DefocusImageProcessor(size=vision_config.img_size, crop_pct=d.crop_pct, image_mean=mean,
+                                                    image_std=std, num_channels=vision_config.in_chans)
+            processor = DefocusVLMProcessor.from_config(config, tokenizer, image_processor)
+        if d.chat_template:  # it becomes the model's template: the exported processor carries it
+            processor.chat_template = read_chat_template(d.chat_template)
+        return processor
+
     # ---- data
     def build_data(self) -> LlavaDataset:
         d = self.cfg.data
-        self.processor = self._build_processor()
-        tokenizer = self.processor.tokenizer
-        if d.chat_template:  # it becomes the model's template: the exported processor carries it
-            self.processor.chat_template = read_chat_template(d.chat_template)
-        self.chat_template = self.processor.chat_template or tokenizer.chat_template
-        size = self.processor.image_processor.size
-        self.encoder = ConversationEncoder(tokenizer, self.processor.image_token, self.processor.num_image_tokens(
-            size, size), d.max_length, d.overlong, self.chat_template)
+        self.encoder = ConversationEncoder(self.processor, d.max_length, d.overlong)
         image_folder = Path(d.image_folder) if d.image_folder else Path(d.train_json).parent / "images"
         train = self._read(d.train_json, image_folder, d.limit_train)
         samples = [s for s in (self.encoder.encode(c) for c in train) if s is not None]
@@ -274,7 +287,12 @@ class InstructTask(StageTask):
             self.eval_ds = LlavaDataset([s for _, s in kept], image_folder, self.processor.image_processor)
             self.eval_prompts = [self._prompt(c) for c, _ in kept]
         self.num_train = len(samples)
-        return LlavaDataset(samples, image_folder, self.processor.image_processor, d.hflip, d.vflip)
+        train_ds = LlavaDataset(samples, image_folder, self.processor.image_processor, d.hflip, d.vflip, d.on_corrupt)
+        if d.verify:  # evaluation cannot skip a question: its images are all checked, and must all be readable
+            verify_source(train_ds, d.verify, "train", d.on_corrupt)
+            if self.eval_ds is not None:
+                verify_source(self.eval_ds, -1, "eval", "fail")
+        return train_ds
 
     def _read(self, path: str, image_folder: Path, limit: int) -> list:
         conversations = read_llava_json(path, self.processor.image_token)
@@ -290,53 +308,26 @@ class InstructTask(StageTask):
         return {"input_ids": torch.from_numpy(self.encoder.encode_prompt(history)),
                 "images": conversation.images[:shown], "answer": conversation.messages[last]["content"]}
 
-    def _build_processor(self):
-        from defocus_vlm import DefocusImageProcessor
-        from defocus_vlm.processing_vlm import DefocusVLMProcessor, add_image_token
-
-        m = self.cfg.model
-        if m.init_from:
-            from transformers import AutoProcessor
-
-            return AutoProcessor.from_pretrained(m.init_from)
-        tower = vision_tower(m.vision)
-        self.vision = tower
-        vision_config = getattr(tower, "config", tower)
-        tokenizer = load_tokenizer(m.llm.tokenizer or m.llm.name, self.cfg.data.train_json)
-        add_image_token(tokenizer)
-        tokenizer.padding_side = "left"
-        mean, std = saved_normalisation(m.vision.source)
-        image_processor = DefocusImageProcessor(size=vision_config.img_size, crop_pct=self.cfg.data.crop_pct,
-                                                image_mean=mean, image_std=std, num_channels=vision_config.in_chans)
-        return DefocusVLMProcessor(image_processor, tokenizer, patch_size=vision_config.patch_size,
-                                   vision_feature_select=m.vision_feature_select,
-                                   has_class_token=vision_config.cls_position != "none")
-
     def collate_fn(self):
         return LlavaCollator(self.processor.tokenizer.pad_token_id)
 
     # ---- model
     def build_model(self) -> torch.nn.Module:
-        from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration, build_vlm
+        from defocus_vlm.build import assemble_vlm, load_vision
+        from defocus_vlm.llm import load_llm
+        from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration
 
         m = self.cfg.model
         if m.init_from:
             model = DefocusVLMForConditionalGeneration.from_pretrained(m.init_from, dtype=torch.float32)
+            if model.config.image_token_id != self.processor.image_token_id:
+                raise ConfigError(f"{m.init_from}: the model's image_token_id {model.config.image_token_id} is not "
+                                  f"the processor's {self.processor.image_token} id {self.processor.image_token_id}")
         else:
-            tokenizer = self.processor.tokenizer
-            llm = m.llm.name if m.llm.name else random_language_model(m.llm.config, tokenizer)
-            model, processor = build_vlm(self.vision, llm, tokenizer=tokenizer,
-                                         image_processor=self.processor.image_processor,
-                                         projector_type=m.projector_type,
-                                         vision_feature_select=m.vision_feature_select,
-                                         vision_feature_layer=m.vision_feature_layer)
-            processor.chat_template = self.processor.chat_template
-            self.processor = processor
-        if model.config.image_token_id != self.processor.image_token_id:
-            raise ConfigError(f"the model's image_token_id {model.config.image_token_id} is not the processor's "
-                              f"{self.processor.image_token} id {self.processor.image_token_id}")
+            config = self.processor.vlm_config
+            llm = load_llm(m.llm.name) if m.llm.name else random_language_model(config.text_config)
+            model = assemble_vlm(config, self.processor.tokenizer, llm, load_vision(self.vision)[1])
         self.model_config, self.generation_config = model.config, copy.deepcopy(model.generation_config)
-        self.head_on_hidden = head_reads_last_hidden(model.language_model)
         train_vision = m.tune == "finetune" and not m.vision.freeze
         model.requires_grad_(False)
         model.multi_modal_projector.requires_grad_(True)
@@ -360,24 +351,20 @@ class InstructTask(StageTask):
         mode = m.tune + (f" + LoRA r={m.lora.r}" if m.lora.r else "")
         dropped = f", dropped {self.dropped_train}" if self.dropped_train else ""
         evals = f", {len(self.eval_prompts)} eval" if self.eval_prompts else ""
-        size = self.processor.image_processor.size
         return (f"instruct ({mode}): {total / 1e6:.2f}M params, {trained / 1e6:.2f}M trained | "
-                f"{self.processor.num_image_tokens(size, size)} tokens per image | "
+                f"{self.processor.num_image_tokens()} tokens per image | "
                 f"{self.num_train} train conversations{dropped}{evals}")
 
     # ---- one step
     def micro_loss(self, engine, batch: dict, ctx: StepContext) -> torch.Tensor:
-        return next_token_loss(engine, *self._inputs(batch, ctx), batch["labels"].to(ctx.device),
-                               self._head(engine.module))
-
-    def _head(self, model) -> torch.nn.Module | None:
-        return model.get_output_embeddings() if self.head_on_hidden else None
+        return engine(**self._inputs(batch, ctx), labels=batch["labels"].to(ctx.device)).loss
 
     @staticmethod
-    def _inputs(batch: dict, ctx: StepContext) -> tuple:
+    def _inputs(batch: dict, ctx: StepContext) -> dict:
         pixels = batch["pixel_values"]
-        return (batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device),
-                pixels.to(ctx.device, ctx.dtype) if pixels is not None else None)
+        return {"input_ids": batch["input_ids"].to(ctx.device),
+                "attention_mask": batch["attention_mask"].to(ctx.device),
+                "pixel_values": pixels.to(ctx.device, ctx.dtype) if pixels is not None else None}
 
     # ---- evaluation
     def evaluate(self, model: torch.nn.Module, ctx: StepContext) -> dict:
@@ -406,7 +393,8 @@ class InstructTask(StageTask):
 
         batch = self.collate_fn()([self.eval_ds[i] for i in chunk])
         labels = batch["labels"].to(ctx.device)
-        loss_sum = next_token_loss(model, *self._inputs(batch, ctx), labels, self._head(model), reduction="sum")
+        # num_items_in_batch=1: the loss summed over the trained tokens (transformers divides the sum by it)
+        loss_sum = model(**self._inputs(batch, ctx), labels=labels, num_items_in_batch=1).loss
         tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         answers = self.generate(model, [self.eval_prompts[i] for i in chunk], ctx, synced)
         correct = sum(exact_match(a, self.eval_prompts[i]["answer"]) for a, i in zip(answers, chunk))
@@ -418,8 +406,9 @@ class InstructTask(StageTask):
         tokenizer = self.processor.tokenizer
         batch = LlavaCollator(tokenizer.pad_token_id, padding_side="left")(
             [{"input_ids": p["input_ids"], "pixel_values": self.eval_ds.load_images(p["images"])} for p in prompts])
-        ids, mask, pixels = self._inputs(batch, ctx)
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
+        inputs = self._inputs(batch, ctx)
+        ids = inputs["input_ids"]
+        out = model.generate(**inputs, do_sample=False,
                              max_new_tokens=self.cfg.data.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, synced_gpus=synced and ctx.world > 1)
         return [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]

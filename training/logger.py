@@ -4,8 +4,11 @@ training-curve PNG. Only process 0 writes anything."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
+
+HISTORY_FILE = "history.jsonl"
 
 
 class RunLogger:
@@ -51,7 +54,7 @@ class RunLogger:
                 loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{rate:.0f}"
             )
             self.bar.update(1)
-        with open(self.run_dir / "history.jsonl", "a") as f:
+        with open(self.run_dir / HISTORY_FILE, "a") as f:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def scalars(self, prefix: str, step: int, values: dict) -> None:
@@ -60,7 +63,7 @@ class RunLogger:
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(f"{prefix}/{k}", v, step)
         if self.enabled:
-            with open(self.run_dir / "history.jsonl", "a") as f:
+            with open(self.run_dir / HISTORY_FILE, "a") as f:
                 f.write(json.dumps({"step": step, prefix: values}) + "\n")
 
     def write(self, text: str) -> None:
@@ -76,6 +79,24 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def trim_history(history_file: Path, step: int) -> None:
+    """Keep the records of steps up to ``step`` (a resumed run's checkpoint): a run killed after it
+    logged later steps would otherwise leave them twice. A last line cut off mid-write goes too."""
+    if not history_file.is_file():
+        return
+    kept = []
+    for line in history_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = history_file.with_name(history_file.name + f".tmp{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, history_file)
 
 
 def plot_curve(history_file: Path, out: Path, metric: str | None = "top1") -> Path | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from defocus_vlm.data.classification import DataError
+from defocus_vlm.run_lock import RunLock
 
 from . import checkpoint as ckpt
-from .config import ConfigError, config_to_dict
+from . import run_dir
+from .config import ConfigError
 from .ema import ModelEMA
 from .engine import (
     all_reduce_mean,
@@ -39,8 +42,9 @@ from .engine import (
     use_bf16,
     zero_stage,
 )
-from .logger import RunLogger, plot_curve
+from .logger import HISTORY_FILE, RunLogger, plot_curve, trim_history
 from .optim import build_optimizer, set_lr
+from .run_dir import config_yaml
 from .sampler import EpochSampler
 from .schedules import drop_path_at, lr_at, scaled_lr
 
@@ -142,19 +146,25 @@ class Run:
         self.task, self.cfg, self.t, self.o = task, cfg, cfg.train, cfg.optim
         if self.t.cpu_threads:
             torch.set_num_threads(self.t.cpu_threads)
-        self.rank, self.world = task.rank, task.world = init_distributed()
-        self.is_main = self.rank == 0
         self.run_dir = Path(self.t.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self._open_run_dir(resume)
-        self.train_ds = task.build_data()  # validated before anything is trained
-        self._plan_steps()
-        self._build_engine()
-        self.epoch, self.step_in_epoch, self.global_step, self.losses = 0, 0, 0, []
-        if resume:
-            self._restore()
-        self.logger = RunLogger(self.run_dir, self.total_steps, self.global_step, self.is_main, self.t.tensorboard,
-                                self.t.progress)
+        self.is_main = (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+        self.lock = None
+        try:
+            self._open_run_dir(resume)  # before DeepSpeed starts: an unusable directory fails in a second
+            self.rank, self.world = task.rank, task.world = init_distributed()
+            barrier()  # the directory is ready for every process
+            self.train_ds = task.build_data()  # validated before anything is trained
+            self._plan_steps()
+            self._build_engine()
+            self.epoch, self.step_in_epoch, self.global_step, self.losses = 0, 0, 0, []
+            if resume:
+                self._restore()
+            self.logger = RunLogger(self.run_dir, self.total_steps, self.global_step, self.is_main,
+                                    self.t.tensorboard, self.t.progress)
+        except BaseException:
+            self.release()
+            raise
         self.logger.write(
             f"{task.describe(self.model)} | {self.world} process(es), ZeRO-{self.zero}, "
             f"{'bf16' if self.bf16 else 'fp32'}, global batch {self.t.batch_size} = {self.micro} x {self.world} x "
@@ -166,13 +176,14 @@ class Run:
 
     # ---- set-up
     def _open_run_dir(self, resume: bool) -> None:
+        """Process 0 locks the run directory (one run per directory), checks that it can be written and
+        writes or, on --resume, checks the config (``run_dir.prepare``); the others wait at the first
+        barrier (a launcher stops them when process 0 fails)."""
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume and ckpt.latest_tag(self.ckpt_dir) is not None:
-                raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --resume to continue, or choose "
-                                  "another train.output_dir")
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-        barrier()
+            self.lock = RunLock(self.run_dir, "train.output_dir")
+            if self.lock.message():
+                print(self.lock.message(), flush=True)
+            run_dir.prepare(self.run_dir, self.cfg, resume)
 
     def _plan_steps(self) -> None:
         """Batch layout, sampler, step budget and the LR schedule's constants."""
@@ -205,12 +216,15 @@ class Run:
         self.ema = ModelEMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
 
     def _restore(self) -> None:
-        """The position, losses, stage counters and EMA of the latest checkpoint, if there is one."""
+        """The position, losses, stage counters and EMA of the latest checkpoint, if there is one; the
+        history is cut back to it (steps a killed run logged after its last checkpoint are redone)."""
         state = ckpt.load(self.engine, self.ckpt_dir)
         if state is None:
             if self.is_main:
                 print(f"no checkpoint under {self.ckpt_dir}; starting from scratch", flush=True)
             return
+        if self.is_main:
+            trim_history(self.run_dir / HISTORY_FILE, state["global_step"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.losses = list(state["losses"])
         self.task.counters.update(state.get("extra", {}))
@@ -223,13 +237,21 @@ class Run:
         return self.global_step >= self.total_steps
 
     def train(self) -> dict:
-        """Train to the end of the budget (or to train.stop_after); the run's summary."""
-        self.start_time = time.time()
-        self.engine.train()
-        while not self.finished and self.epoch < self.t.epochs:
-            if not self.train_epoch():
-                return self.stop()
-        return self.finish()
+        """Train to the end of the budget (or to train.stop_after); the run's summary. The run directory
+        is unlocked at the end, however the run ends."""
+        try:
+            self.start_time = time.time()
+            self.engine.train()
+            while not self.finished and self.epoch < self.t.epochs:
+                if not self.train_epoch():
+                    return self.stop()
+            return self.finish()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def train_epoch(self) -> bool:
         """Train from the current position to the end of the epoch (or of the budget), checkpoint and
@@ -279,9 +301,10 @@ class Run:
     def save(self, next_epoch: int, next_step: int) -> None:
         """A checkpoint from which a resumed run continues at (``next_epoch``, ``next_step``)."""
         state = {"epoch": next_epoch, "step_in_epoch": next_step, "global_step": self.global_step,
-                 "losses": self.losses, "extra": self.task.counters, "total_steps": self.total_steps,
-                 "ema": self.ema.state_dict() if self.ema is not None else None}
-        ckpt.save(self.engine, self.ckpt_dir, self.global_step, state, self.t.keep_checkpoints)
+                 "losses": self.losses, "extra": self.task.counters, "total_steps": self.total_steps}
+        ckpt.save(self.engine, self.ckpt_dir, self.global_step, state,
+                  self.ema.state_dict() if self.ema is not None else None, config_yaml(self.cfg),
+                  self.t.keep_checkpoints)
 
     def evaluate(self) -> None:
         """Metrics of the raw weights (and of the EMA's), logged; ``self.metrics`` = {} for a task without."""
@@ -321,7 +344,7 @@ class Run:
                 self.task.export(state, export_dir / "raw")
             else:
                 self.task.export(state, export_dir)
-            plot_curve(self.run_dir / "history.jsonl", self.run_dir / "training_curve.png", self.task.curve_metric)
+            plot_curve(self.run_dir / HISTORY_FILE, self.run_dir / "training_curve.png", self.task.curve_metric)
         summary = {**self.summary(), "val": self.metrics, "wall_s": round(wall, 2), **self.task.counters,
                    "export": str(export_dir)}
         if self.is_main:

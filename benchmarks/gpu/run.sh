@@ -39,7 +39,7 @@ fi
 export PYTHONPATH="$WORK/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-args=(--out "$OUT" --repo "$REPO")
+args=(--output-dir "$OUT" --repo "$REPO")
 [ "$DRY_RUN" = 1 ] && args+=(--dry-run)
 [ -n "${SECTIONS:-}" ] && args+=(--sections $SECTIONS)
 [ -n "${TOTAL_SECONDS:-}" ] && args+=(--total-seconds "$TOTAL_SECONDS")

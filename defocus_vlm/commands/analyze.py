@@ -1,5 +1,5 @@
 """Over-focus diagnostics: ``defocus-vlm analyze --model M [--model M ...] --image IMG [--image ...]
-[--layers 3 6 9 11] --out DIR``.
+[--layers 3 6 9 11] --output-dir DIR``.
 
 MODEL is an exported classifier directory, or a preset name for seeded random weights, optionally
 with overrides (``defocus_vit_tiny:img_size=28,patch_size=4,in_chans=1``). IMAGE is an image file or

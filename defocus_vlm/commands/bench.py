@@ -3,7 +3,8 @@ forward+backward, at several lengths and widths. ``encoders``: images/s and memo
 Small preset next to timm's deit_small_patch16_224, plus the streaming step time. ``stream``: the
 VLM's time to first token after an image's last patch, streaming prefill vs one shot. ``gpu``: the
 prepared GPU check (correctness, kernel speed, training throughput, streaming; one JSON and a
-Markdown table; see benchmarks/gpu/README.md), or its CPU dry run with ``--dry-run``."""
+Markdown table; see benchmarks/gpu/README.md), or its CPU dry run with ``--dry-run``. The benchmarks
+themselves live in :mod:`defocus_vlm.bench`, the GPU check in :mod:`defocus_vlm.gpu_check`."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import json
 import sys
 from pathlib import Path
 
+from defocus_vlm.cli_options import add_device, add_output_dir, add_output_file
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
     k = sub.add_parser("kernels", help="time each kernel backend")
-    k.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device(k)
     k.add_argument("--ops", nargs="+", default=None,
                    choices=["attention", "retention", "selective_scan", "causal_conv1d"])
     k.add_argument("--lengths", nargs="+", type=int, default=[197, 1024, 4096])
@@ -28,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--shapes", nargs="+", default=None, metavar="BATCH,WIDTH,LENGTH",
                    help="time these shapes instead of the widths x lengths grid (batch 1), e.g. 128,64,50 "
                         "(the Fashion-MNIST De-focus Mamba: width 64, 49 patches + class token)")
-    k.add_argument("--out", default=None, help="write the JSON here too")
+    add_output_file(k)
     e = sub.add_parser("encoders", help="images/s and memory of the Small presets vs timm DeiT-S")
-    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device(e)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--img-size", type=int, default=224)
     e.add_argument("--presets", nargs="+", default=None)
@@ -38,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--stream-positions", nargs="+", type=int, default=[16, 4096])
     e.add_argument("--compare-reference", action="store_true",
                    help="also time each forward with DEFOCUS_KERNELS=reference and report the speed-up")
-    e.add_argument("--out", default=None, help="write the JSON here too")
+    add_output_file(e)
     s = sub.add_parser("stream", help="VLM time to first token after the last patch: streaming vs one shot")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_device(s)
     s.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096], help="patches per (square) image")
     s.add_argument("--chunk-size", type=int, default=256, help="encoder tokens per streamed chunk")
     s.add_argument("--llm", default="tiny-llama",
@@ -48,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--vision-preset", default="defocus_vit_tiny")
     s.add_argument("--vision-depth", type=int, default=4, help="encoder blocks (keeps the CPU default quick)")
     s.add_argument("--repeats", type=int, default=3)
-    s.add_argument("--out", default=None, help="write the JSON here too")
+    add_output_file(s)
     g = sub.add_parser("gpu", help="the GPU check: correctness, kernel speed, training img/s, streaming")
-    g.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md and the rows")
+    add_output_dir(g, help="folder for gpu_check.json, gpu_check.md and the rows")
     g.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU; CUDA-only rows are skipped")
     g.add_argument("--sections", nargs="+", default=None,
                    help="run only these (env cuda_tests correctness speed training streaming)")
@@ -70,29 +73,27 @@ def _emit(result: dict, out: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.what == "gpu":
         return _run_gpu_check(args)
-    if args.device == "cuda":
-        import torch
+    from defocus_vlm.inference import resolve_device
 
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but no CUDA device is available here")
+    device = str(resolve_device(args.device))
     progress = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if args.what == "kernels":
-        from defocus_vlm.kernels.benchmark import parse_shape, run_kernel_benchmarks
+        from defocus_vlm.bench.kernels import parse_shape, run_kernel_benchmarks
 
         shapes = [parse_shape(s) for s in args.shapes] if args.shapes else None
-        result = run_kernel_benchmarks(args.device, args.ops, args.lengths, args.widths, args.repeats, args.dtype,
+        result = run_kernel_benchmarks(device, args.ops, args.lengths, args.widths, args.repeats, args.dtype,
                                        args.max_sequential_length, progress, shapes)
     elif args.what == "stream":
-        from defocus_vlm.stream_benchmark import run_stream_benchmark
+        from defocus_vlm.bench.stream import run_stream_benchmark
 
-        result = run_stream_benchmark(args.device, args.lengths, args.chunk_size, args.llm, args.vision_preset,
+        result = run_stream_benchmark(device, args.lengths, args.chunk_size, args.llm, args.vision_preset,
                                       args.vision_depth, repeats=args.repeats, progress=progress)
     else:
-        from defocus_vlm.encoders.benchmark import run_encoder_benchmarks
+        from defocus_vlm.bench.encoders import run_encoder_benchmarks
 
-        result = run_encoder_benchmarks(args.device, args.batch_size, args.img_size, args.presets, args.repeats,
+        result = run_encoder_benchmarks(device, args.batch_size, args.img_size, args.presets, args.repeats,
                                         args.stream_positions, progress, args.compare_reference)
-    _emit(result, args.out)
+    _emit(result, args.output)
     return 0
 
 
@@ -102,7 +103,7 @@ def _run_gpu_check(args: argparse.Namespace) -> int:
     from defocus_vlm.gpu_check.runner import DEFAULT_TOTAL_SECONDS, run_gpu_check
 
     total = args.total_seconds if args.total_seconds is not None else DEFAULT_TOTAL_SECONDS
-    doc = run_gpu_check(Path(args.out), args.dry_run, args.sections, total, args.repo)
+    doc = run_gpu_check(Path(args.output_dir), args.dry_run, args.sections, total, args.repo)
     print(markdown(doc))
     # last, so that a short tail of the output still says what failed
     for row in doc["rows"]:
@@ -111,5 +112,5 @@ def _run_gpu_check(args: argparse.Namespace) -> int:
                   + (f" ({row['error'].strip().splitlines()[-1][:200]})" if row["error"] else ""))
     c = doc["summary"]
     print(f"gpu check: {c['pass']} pass, {c['fail']} fail, {c['info']} info, {c['skipped']} skipped in "
-          f"{doc['wall_s']:.0f} s; {Path(args.out) / 'gpu_check.json'}")
+          f"{doc['wall_s']:.0f} s; {Path(args.output_dir) / 'gpu_check.json'}")
     return 0 if doc["complete"] and all(s["exit"] == "ok" for s in doc["sections"]) else 1

@@ -9,12 +9,15 @@ import argparse
 import json
 import sys
 
+from defocus_vlm.cli_options import add_device
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="exported HF model directory")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON lines")
+    add_device(parser)
 
 
 def class_names(config) -> list[str]:
@@ -35,12 +38,14 @@ def run(args: argparse.Namespace) -> int:
 
     import defocus_vlm  # noqa: F401 - registers the Auto classes
     from defocus_vlm.image_io import ImageError, load_image
+    from defocus_vlm.inference import resolve_device
     from defocus_vlm.user_files import check_model_dir
 
     if args.top_k <= 0:
         raise ValueError(f"--top-k must be positive, got {args.top_k}")
     check_model_dir(args.model, "defocus_vision")
-    model = AutoModelForImageClassification.from_pretrained(args.model).eval()
+    device = resolve_device(args.device)
+    model = AutoModelForImageClassification.from_pretrained(args.model).eval().to(device)
     processor = AutoImageProcessor.from_pretrained(args.model)
     names = class_names(model.config)
     k = min(args.top_k, len(names))
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
             continue
         with torch.no_grad():
-            probs = model(pixel_values=pixels).logits.float().softmax(-1)[0]
+            probs = model(pixel_values=pixels.to(device)).logits.float().softmax(-1)[0]
         top = torch.topk(probs, k)
         preds = [
             {"label": names[i], "index": int(i), "probability": round(float(p), 6)}

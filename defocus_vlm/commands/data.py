@@ -11,6 +11,7 @@ import json
 import sys
 import time
 
+from defocus_vlm.cli_options import add_output_dir
 from defocus_vlm.data import easy_vqa, shapes_objects, shapes_vqa
 
 # LLaVA-1.5's instruction for short-answer VQA (appended to every question, as in its training data)
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     p = sub.add_parser("easy-vqa", help="easy-VQA (PyPI easy-vqa) as LLaVA JSON + images",
                        description=easy_vqa.__doc__.split("\n\n")[1])
-    p.add_argument("--output-dir", "--out", dest="output_dir", required=True, help="output directory")
+    add_output_dir(p, help="output directory")
     p.add_argument("--instruction", default=SHORT_ANSWER_PROMPT,
                    help="text on its own line after each question ('' for none); default: LLaVA's short-answer prompt")
     p.add_argument("--group-by-image", action="store_true",
@@ -38,7 +39,7 @@ def _add_shapes_vqa_arguments(sub: argparse._SubParsersAction) -> None:
     defaults = shapes_vqa.ShapesVQAConfig()
     p = sub.add_parser("shapes-vqa", help="shapes-VQA: generated scenes, questions that need the whole image",
                        description=shapes_vqa.__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", "--out", dest="output_dir", required=True, help="output directory")
+    add_output_dir(p, help="output directory")
     p.add_argument("--images", type=int, default=defaults.images, help="train scenes (default: %(default)s)")
     p.add_argument("--test-images", type=int, default=defaults.test_images,
                    help="scenes of test and of test_unseen each (default: a tenth of --images)")

@@ -22,27 +22,26 @@ def probe(device: str, dtype: str) -> dict:
     import torch
 
     from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
-    from defocus_vlm.kernels.dispatch import LAST_CHOICE
-    from defocus_vlm.kernels.registry import importable
+    from defocus_vlm.kernels.dispatch import record_choices
+    from defocus_vlm.kernels.registry import backend_importable
 
     dt = getattr(torch, dtype)
     r = lambda *s: torch.randn(*s, device=device, dtype=dt)  # noqa: E731
     lam = -torch.rand(2, device=device)
 
     def call_all(grad: bool) -> dict:
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), record_choices() as choices:
             q = r(1, 2, 8, 16).requires_grad_(grad)
             defocus_attention(q, r(1, 2, 8, 16), r(1, 2, 8, 16), lam)
             retention(q, r(1, 2, 8, 16), r(1, 2, 8, 16), lam)
             u = r(1, 4, 8).requires_grad_(grad)
             selective_scan(u, r(1, 4, 8).abs(), -torch.rand(4, 2, device=device), r(1, 2, 8), r(1, 2, 8))
             causal_conv1d(u, r(4, 4))
-        return {op: {"backend": b, "chosen_by": how} for op, (b, how) in LAST_CHOICE.items()}
+        return {op: {"backend": b, "chosen_by": how} for op, (b, how) in choices.items()}
 
-    packages = {name: importable(mod) for name, mod in {
-        "mamba-ssm": "mamba_ssm.ops.selective_scan_interface", "causal-conv1d": "causal_conv1d",
-        "fla-core": "fla.ops.simple_gla", "triton": "triton", "flex_attention": "torch.nn.attention.flex_attention",
-    }.items()}
+    packages = {package: backend_importable(backend) for package, backend in {
+        "mamba-ssm": "mamba_ssm", "causal-conv1d": "causal_conv1d", "fla-core": "fla", "triton": "triton",
+        "flex_attention": "flex"}.items()}
     from defocus_vlm.kernels.selective_scan_cpu import load_error
 
     ops, training = call_all(False), call_all(True)

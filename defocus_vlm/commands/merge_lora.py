@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its VLM: ``defocus-vlm merge-lora --model DIR --out DIR``.
+"""Merge a LoRA adapter into its VLM: ``defocus-vlm merge-lora --model DIR --output-dir DIR``.
 
 DIR is the ``model/`` folder of a LoRA instruct run (the adapter, with its base model in ``base/``)
 or any peft adapter folder whose ``base_model_name_or_path`` is a local VLM. The output is a plain
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from defocus_vlm.training.lora import merge_lora
 
     if Path(args.output_dir).resolve() == Path(args.model).resolve():
-        raise ValueError("--out must differ from --model (the adapter would be overwritten)")
+        raise ValueError("--output-dir must differ from --model (the adapter would be overwritten)")
     out = merge_lora(args.model, args.output_dir)
     print(json.dumps({"merged": str(out)}), file=sys.stdout)
     return 0

@@ -243,23 +243,31 @@ def open_source(
     raise DataError(f"unknown data source {source!r}")
 
 
-def verify_source(source, count: int, split: str) -> None:
-    """Decode the first ``count`` images (-1 = all); raise DataError naming each unreadable one."""
-    n = len(source) if count < 0 else min(count, len(source))
+def verify_source(source, count: int, split: str, on_corrupt: str = "skip", limit: int = 0) -> None:
+    """Decode images of ``split`` before training: all of them when the set (its first ``limit`` samples
+    when a limit is set) holds at most ``count`` (-1 = all), else ``count`` spread evenly over it. With
+    ``on_corrupt="fail"`` any unreadable one is a DataError now, not when training reaches it; with
+    "skip" a warning says how many (an error when none can be read)."""
+    total = min(limit, len(source)) if limit else len(source)
+    n = total if count < 0 else min(count, total)
+    indices = np.unique(np.linspace(0, total - 1, n).round().astype(int)) if n else np.zeros(0, int)
     bad = []
-    for i in range(n):
+    for i in indices:
         try:
-            source.load(i)
+            source.load(int(i))
         except (ImageError, OSError) as err:
-            bad.append(f"{source.where(i)}: {err}")
-    if bad and len(bad) == n:
-        raise DataError(f"{split} split: none of the {n} checked images can be read; first: {bad[0]}")
+            bad.append(f"{source.where(int(i))}: {err}")
+    checked = f"{len(indices)} checked" if len(indices) < total else f"all {total}"
+    if bad and on_corrupt == "fail":
+        raise DataError(f"{split} split: {len(bad)} of {checked} images cannot be read (first: {bad[0]}); fix or "
+                        f"remove them, or set data.on_corrupt=skip to train without them")
+    if bad and len(bad) == len(indices):
+        raise DataError(f"{split} split: none of the {len(indices)} checked images can be read; first: {bad[0]}")
     if bad:
         from warnings import warn
 
-        warn(
-            f"{split} split: {len(bad)} of {n} checked images are unreadable (first: {bad[0]})", stacklevel=2
-        )
+        warn(f"{split} split: {len(bad)} of {checked} images are unreadable and will be skipped "
+             f"(data.on_corrupt=skip; first: {bad[0]})", stacklevel=2)
 
 
 class ClassificationDataset(Dataset):

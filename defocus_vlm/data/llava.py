@@ -9,14 +9,15 @@ the conversation is rendered once and the character spans of the assistant turns
 from the template's ``{% generation %}`` blocks (``return_assistant_tokens_mask``) or, for templates
 without them, by rendering growing prefixes of the conversation (the text up to the assistant's
 generation prompt, and up to the end of its turn). Tokens overlapping an assistant span are trained
-on; everything else is ``-100``. Each image placeholder is then expanded to the model's number of
-image tokens, and over-long samples are truncated, dropped or refused as configured; image tokens
-are never cut."""
+on; everything else is ``-100``. The processor then expands each image placeholder to the model's
+number of image tokens (``DefocusVLMProcessor.expand_image_tokens``), and over-long samples are
+truncated, dropped or refused as configured; image tokens are never cut."""
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ from defocus_vlm.image_io import ImageError, load_image
 from .classification import DataError
 
 IGNORE_INDEX = -100
-LLAVA_IMAGE_TOKEN = IMAGE_TOKEN
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 
@@ -68,7 +68,7 @@ def _parse_record(record, where: str, image_token: str) -> Conversation:
         if role is None or not isinstance(turn.get("value"), str):
             raise DataError(f"{where}: each turn needs 'from' (one of {sorted(ROLES)}) and a string 'value', "
                             f"got {turn!r}")
-        content = turn["value"].replace(LLAVA_IMAGE_TOKEN, image_token)
+        content = turn["value"].replace(IMAGE_TOKEN, image_token)
         if role == "assistant" and image_token in content:
             raise DataError(f"{where}: an assistant turn contains the image placeholder {image_token!r}")
         messages.append({"role": role, "content": content})
@@ -78,11 +78,11 @@ def _parse_record(record, where: str, image_token: str) -> Conversation:
                         f"{roles}")
     placeholders = sum(m["content"].count(image_token) for m in messages)
     if placeholders != len(images):
-        raise DataError(f"{where}: {len(images)} image(s) but {placeholders} {LLAVA_IMAGE_TOKEN} placeholder(s)")
+        raise DataError(f"{where}: {len(images)} image(s) but {placeholders} {IMAGE_TOKEN} placeholder(s)")
     return Conversation(str(record.get("id", where)), messages, images)
 
 
-def read_llava_json(path: str | os.PathLike, image_token: str = LLAVA_IMAGE_TOKEN) -> list[Conversation]:
+def read_llava_json(path: str | os.PathLike, image_token: str = IMAGE_TOKEN) -> list[Conversation]:
     """Read a LLaVA JSON list (or JSONL, one record a line) and validate every record."""
     path = Path(path)
     if not path.is_file():
@@ -146,35 +146,19 @@ def tokenize_conversation(tokenizer, messages: list[dict], chat_template: str | 
 
 # --------------------------------------------------------------------------- encoding with image tokens
 class ConversationEncoder:
-    """Conversation -> (input_ids, labels) with each image placeholder expanded to ``image_seq_length``
-    image tokens. Samples longer than ``max_length``: ``truncate`` cuts text at the end (a sample is
-    dropped when its image tokens do not fit or no answer token is left), ``drop`` drops them,
-    ``error`` raises. ``dropped`` counts the dropped samples by reason."""
+    """Conversation -> (input_ids, labels) through ``processor`` (a DefocusVLMProcessor): its chat template
+    renders the conversation and it expands each image placeholder to the model's image tokens. Samples
+    longer than ``max_length``: ``truncate`` cuts text at the end (a sample is dropped when its image
+    tokens do not fit or no answer token is left), ``drop`` drops them, ``error`` raises. ``dropped``
+    counts the dropped samples by reason."""
 
-    def __init__(self, tokenizer, image_token: str, image_seq_length: int, max_length: int = 2048,
-                 overlong: str = "truncate", chat_template: str | None = None):
+    def __init__(self, processor, max_length: int = 2048, overlong: str = "truncate"):
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
-        if chat_template is None and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; give one (data.chat_template)")
-        ids = tokenizer(image_token, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ValueError(f"image token {image_token!r} must be one token of the tokenizer, it encodes to {ids}")
-        self.tokenizer, self.chat_template = tokenizer, chat_template
-        self.image_token, self.image_token_id = image_token, ids[0]
-        self.image_seq_length, self.max_length, self.overlong = int(image_seq_length), int(max_length), overlong
+        self.processor, self.tokenizer, self.chat_template = processor, processor.tokenizer, processor.chat_template
+        self.image_token_id = processor.image_token_id
+        self.max_length, self.overlong = int(max_length), overlong
         self.dropped: Counter = Counter()
-
-    def _expand(self, ids: list[int], mask: list[bool]) -> tuple[np.ndarray, np.ndarray]:
-        out_ids, out_labels = [], []
-        for token, trained in zip(ids, mask, strict=True):
-            if token == self.image_token_id:
-                out_ids += [token] * self.image_seq_length
-                out_labels += [IGNORE_INDEX] * self.image_seq_length
-            else:
-                out_ids.append(token)
-                out_labels.append(token if trained else IGNORE_INDEX)
-        return np.asarray(out_ids, np.int64), np.asarray(out_labels, np.int64)
 
     def encode(self, conv: Conversation) -> EncodedSample | None:
         """The encoded sample, or None when it is dropped (see ``dropped``)."""
@@ -183,7 +167,8 @@ class ConversationEncoder:
         if found != len(conv.images):
             raise DataError(f"sample {conv.id}: the chat template produced {found} image token(s) for "
                             f"{len(conv.images)} image(s)")
-        input_ids, labels = self._expand(ids, mask)
+        labels = [t if trained and t != self.image_token_id else IGNORE_INDEX for t, trained in zip(ids, mask)]
+        input_ids, labels = self.processor.expand_image_tokens(ids, labels)
         if len(input_ids) > self.max_length:
             if self.overlong == "error":
                 raise DataError(f"sample {conv.id} has {len(input_ids)} tokens, more than max_length "
@@ -205,8 +190,7 @@ class ConversationEncoder:
     def encode_prompt(self, messages: list[dict]) -> np.ndarray:
         """Generation prompt ids (image tokens expanded) for ``messages`` ending with a user turn."""
         text = _render(self.tokenizer, messages, self.chat_template, True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._expand(ids, [False] * len(ids))[0]
+        return self.processor.expand_image_tokens(self.tokenizer(text, add_special_tokens=False)["input_ids"])[0]
 
 
 # --------------------------------------------------------------------------- dataset and batches
@@ -224,17 +208,25 @@ class LlavaDataset(Dataset):
 
     hflip / vflip: probability of mirroring each training image left-right / upside down, drawn from
     the sampler's per-sample seed (so a resumed run sees the same images). Off by default, as in
-    LLaVA; only for data whose answers do not change under the flip (no "left of" questions)."""
+    LLaVA; only for data whose answers do not change under the flip (no "left of" questions).
+    on_corrupt: "skip" replaces a sample whose image cannot be read by the next one (with a warning),
+    "fail" stops. ``load`` / ``where`` make it a source for ``verify_source`` (checked before training)."""
 
     def __init__(self, samples: list[EncodedSample], image_folder: str | os.PathLike, image_processor,
-                 hflip: float = 0.0, vflip: float = 0.0):
+                 hflip: float = 0.0, vflip: float = 0.0, on_corrupt: str = "fail"):
         if not samples:
             raise DataError("no training sample is left after encoding (all were dropped)")
         self.samples, self.image_folder, self.image_processor = samples, Path(image_folder), image_processor
-        self.flips = (hflip, vflip)
+        self.flips, self.on_corrupt = (hflip, vflip), on_corrupt
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def load(self, index: int) -> list[Image.Image]:
+        return [load_image(self.image_folder / p) for p in self.samples[index].images]
+
+    def where(self, index: int) -> str:
+        return f"sample {index} ({', '.join(self.samples[index].images) or 'no image'} under {self.image_folder})"
 
     def load_images(self, paths: list[str], seed: int | None = None) -> torch.Tensor | None:
         if not paths:
@@ -255,9 +247,20 @@ class LlavaDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         # the training sampler gives (index, per-sample seed); evaluation gives an index (no flips)
         index, seed = item if isinstance(item, tuple) else (item, None)
-        s = self.samples[index]
+        for tries in range(len(self.samples)):
+            s = self.samples[(index + tries) % len(self.samples)]
+            try:
+                pixels = self.load_images(s.images, seed)
+                break
+            except DataError as err:
+                if self.on_corrupt != "skip":
+                    raise DataError(f"{err} (set data.on_corrupt=skip to skip such samples)") from err
+                warnings.warn(f"skipping a sample with an unreadable image (data.on_corrupt=skip): {err}",
+                              stacklevel=2)
+        else:
+            raise DataError(f"no sample of {self.image_folder} has readable images")
         return {"input_ids": torch.from_numpy(s.input_ids), "labels": torch.from_numpy(s.labels),
-                "pixel_values": self.load_images(s.images, seed)}
+                "pixel_values": pixels}
 
 
 class LlavaCollator:

@@ -89,7 +89,24 @@ class TemplatedPairs:
         return image, template.format(self.phrase(label))
 
 
-class EasyVQASource:
+class ImageFilePairs:
+    """A pair source whose ``items`` are (image file, caption) pairs."""
+
+    items: list[tuple[str, str]]
+    classes = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def where(self, i: int) -> str:
+        return self.items[i][0]
+
+    def load(self, i: int) -> tuple[Image.Image, str]:
+        path, caption = self.items[i]
+        return load_image(path), caption
+
+
+class EasyVQASource(ImageFilePairs):
     """easy-VQA images (64 px RGB, one coloured shape each) labelled with a phrase, "blue circle",
     read from the image's questions and answers: "what is the blue shape?" -> "rectangle" gives both
     words, "is there not a red shape?" -> "yes" rules red out. Where one attribute stays unknown the
@@ -104,21 +121,10 @@ class EasyVQASource:
                       if i in paths and (partial or is_colour_and_shape(phrases[i]))]
         if not self.items:
             raise DataError(f"easy-VQA {split}: no image could be captioned")
-        self.classes = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def where(self, i: int) -> str:
-        return self.items[i][0]
-
-    def load(self, i: int) -> tuple[Image.Image, str]:
-        path, phrase = self.items[i]
-        return load_image(path), phrase
 
 
 # --------------------------------------------------------------------------- files and datasets
-class TablePairs:
+class TablePairs(ImageFilePairs):
     """A CSV (header row) or JSONL file of (image path, caption) rows; relative image paths are
     relative to the file's folder."""
 
@@ -139,7 +145,6 @@ class TablePairs:
             if not isinstance(image, str) or not image:
                 raise DataError(f"{where}: the image path must be a non-empty string, got {image!r}")
             self.items.append((str(path.parent / image), _check_caption(row.get(caption_column), where)))
-        self.classes = None
 
     @staticmethod
     def _read(path: Path) -> list[tuple[str, dict]]:
@@ -177,16 +182,6 @@ class TablePairs:
                                 f'put a caption that contains commas in double quotes: "a cat, sitting"')
             rows.append((where, dict(zip(header, fields))))
         return rows
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def where(self, i: int) -> str:
-        return self.items[i][0]
-
-    def load(self, i: int) -> tuple[Image.Image, str]:
-        path, caption = self.items[i]
-        return load_image(path), caption
 
 
 class HFPairs:

@@ -54,7 +54,6 @@ def choice_letters(num_choices: int) -> str:
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
-IMAGE_PLACEHOLDER = IMAGE_TOKEN
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ def _image_folder(image_dir: str | os.PathLike | None, default: Path) -> Path:
 
 def _strip_prompt(text: str) -> str:
     """A question without the image placeholder or an answer-format instruction already in it."""
-    for extra in (IMAGE_PLACEHOLDER, SHORT_ANSWER_PROMPT, MULTIPLE_CHOICE_PROMPT):
+    for extra in (IMAGE_TOKEN, SHORT_ANSWER_PROMPT, MULTIPLE_CHOICE_PROMPT):
         text = text.replace(extra, "")
     return text.strip()
 

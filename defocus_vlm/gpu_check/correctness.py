@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
 from defocus_vlm.kernels.attention import BACKENDS as ATTENTION_BACKENDS
-from defocus_vlm.kernels.benchmark import _usable
 from defocus_vlm.kernels.causal_conv1d import BACKENDS as CONV_BACKENDS
+from defocus_vlm.kernels.registry import usable
 from defocus_vlm.kernels.retention import BACKENDS as RETENTION_BACKENDS
 from defocus_vlm.kernels.selective_scan import BACKENDS as SCAN_BACKENDS
 
@@ -268,7 +268,7 @@ def run_backends(ctx: SectionContext) -> None:
     for spec, backend, dtype in plan:
         tol_out, tol_grad = TOLERANCES[dtype]
         goal = f"out <= {tol_out:g}, grads <= {tol_grad:g} (max rel. error vs float64)"
-        if not _usable(spec.name, backend, ctx.device) and not _is_alias(spec, backend):
+        if not usable(spec.name, backend, ctx.device) and not _is_alias(spec, backend):
             ctx.emit(_name(spec, backend, dtype), goal,
                      Outcome("-", NO_CUDA if not ctx.cuda else skipped("its package is not importable here")))
             continue

@@ -10,11 +10,11 @@ import sys
 
 import torch
 
+from defocus_vlm.bench.timing import copy_bandwidth, matmul_rate
 from defocus_vlm.kernels.registry import importable
 
 from .context import Outcome, SectionContext
 from .report import NO_CUDA, PASS
-from .timing import copy_bandwidth, matmul_rate
 
 # import name -> distribution name; the first three are needed for the full check
 PACKAGES = {"triton": "triton", "deepspeed": "deepspeed", "fla": "fla-core", "transformers": "transformers",

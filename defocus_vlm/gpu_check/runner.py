@@ -90,9 +90,9 @@ def _preload() -> None:
     import transformers.models.mamba.modeling_mamba  # noqa: F401
 
     import defocus_vlm  # noqa: F401
-    import defocus_vlm.encoders.benchmark  # noqa: F401
-    import defocus_vlm.kernels.benchmark  # noqa: F401
-    import defocus_vlm.stream_benchmark  # noqa: F401
+    import defocus_vlm.bench.encoders  # noqa: F401
+    import defocus_vlm.bench.kernels  # noqa: F401
+    import defocus_vlm.bench.stream  # noqa: F401
     import defocus_vlm.training.loop  # noqa: F401
 
 

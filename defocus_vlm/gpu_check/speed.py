@@ -1,5 +1,5 @@
 """Section ``speed``: the kernels side by side, bf16, Small and Base widths, lengths 197 / 1024 /
-4096, forward and forward+backward, CUDA-event medians (see timing.py).
+4096, forward and forward+backward, CUDA-event medians (``defocus_vlm.bench.timing.median_ms``).
 
 - attention: De-focus attention with decay (the "flex" backend) against PyTorch SDPA's flash causal
   kernel without decay: the cost of the decay (goal <= 1.3x). The SDPA call with the decay as a dense
@@ -9,7 +9,7 @@
   time against the memory-bound floor (bytes that must move / measured copy bandwidth; goal <= 3x).
 - retention: the fla backend against the chunkwise PyTorch form.
 
-Inputs come from the kernel benchmark (kernels/benchmark.py) at a batch that keeps about as many
+Inputs come from the kernel benchmark (defocus_vlm/bench/kernels.py) at a batch that keeps about as many
 tokens in flight as a training batch (128 images of 197 tokens)."""
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from collections.abc import Callable
 
 import torch
 
-from defocus_vlm.kernels.benchmark import WIDTHS, _inputs, _op_calls, _usable
+from defocus_vlm.bench.kernels import WIDTHS, op_calls, op_inputs
+from defocus_vlm.bench.timing import copy_bandwidth, median_ms
+from defocus_vlm.kernels.registry import usable
 
 from .context import Outcome, SectionContext
 from .report import Goal, skipped
-from .timing import copy_bandwidth, median_ms
 
 LENGTHS, DRY_LENGTHS = (197, 1024, 4096), (16, 40)
 DRY_WIDTHS = {"small": 64, "base": 128}  # one and two heads of 64: the dry run's tiny models
@@ -30,7 +31,7 @@ TOKENS_PER_BATCH = 128 * 197
 ATTENTION_GOAL = Goal("<=", 1.3, "x SDPA flash causal (no decay)")
 SCAN_FLOOR_GOAL = Goal("<=", 3.0, "x the memory-bound floor")
 RETENTION_GOAL = Goal(">=", 1.0, "x (fla faster)")
-# the backends each op compares (names from _op_calls), first the one under test
+# the backends each op compares (names from op_calls), first the one under test
 COMPARED = {"attention": ("flex", "baseline:sdpa_causal_no_decay", "sdpa"),
             "selective_scan": ("triton", "chunked", "transformers_slow"),
             "retention": ("fla", "chunkwise")}
@@ -51,7 +52,7 @@ def _transformers_slow_path(args) -> Callable[[], torch.Tensor] | None:
 
 def _calls(op: str, args, dev: torch.device) -> dict[str, Callable[[], torch.Tensor] | str]:
     """Name -> call, or -> the reason it cannot run here."""
-    available = _op_calls(op, args, dev)
+    available = op_calls(op, args, dev)
     if op == "selective_scan":
         slow = _transformers_slow_path(args)
         available["transformers_slow"] = slow if slow is not None else "this transformers has no mamba_selective_scan"
@@ -59,7 +60,7 @@ def _calls(op: str, args, dev: torch.device) -> dict[str, Callable[[], torch.Ten
     for name in COMPARED[op]:
         if name not in available:
             out[name] = "not available here"
-        elif not name.startswith("baseline:") and name != "transformers_slow" and not _usable(op, name, dev):
+        elif not name.startswith("baseline:") and name != "transformers_slow" and not usable(op, name, dev):
             out[name] = "no CUDA" if dev.type != "cuda" else "its package is not importable here"
         else:
             out[name] = available[name]
@@ -85,7 +86,7 @@ def _scan_floor_ms(args, backward: bool, copy_gbps: float) -> tuple[float, int]:
 
 
 def _measure(op: str, width: str, length: int, backward: bool, ctx: SectionContext) -> dict:
-    args = _inputs(op, (DRY_WIDTHS if ctx.dry_run else WIDTHS)[width], length, ctx.device, torch.bfloat16,
+    args = op_inputs(op, (DRY_WIDTHS if ctx.dry_run else WIDTHS)[width], length, ctx.device, torch.bfloat16,
                    backward, batch=batch_for(length, ctx.dry_run))
     results: dict[str, dict | str] = {}
     for name, call in _calls(op, args, ctx.device).items():

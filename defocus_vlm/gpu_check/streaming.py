@@ -1,17 +1,17 @@
 """Section ``streaming``: what streaming costs on a GPU.
 
-- The encoders' one-token streaming step after 16 and after 4096 tokens (encoders/benchmark.py's
+- The encoders' one-token streaming step after 16 and after 4096 tokens (defocus_vlm/bench/encoders.py's
   ``stream_step_times``): a causal encoder with a bounded state should not slow down as the image
   grows (goal: step at 4096 <= 1.2x step at 16). ViT's KV cache grows, so it is the one at risk.
 - The VLM's time to first token after the last patch of a 4096-patch image, one shot vs streamed
-  (defocus_vlm/stream_benchmark.py): streaming should answer sooner and give the same first token."""
+  (defocus_vlm/bench/stream.py): streaming should answer sooner and give the same first token."""
 
 from __future__ import annotations
 
 import torch
 
-from defocus_vlm.encoders.benchmark import build, stream_step_times
-from defocus_vlm.stream_benchmark import run_stream_benchmark
+from defocus_vlm.bench.encoders import build, stream_step_times
+from defocus_vlm.bench.stream import run_stream_benchmark
 
 from .context import Outcome, SectionContext
 from .report import Goal

@@ -1,4 +1,5 @@
-"""Time to first token after the last patch of an image arrives: streaming prefill vs one shot.
+"""``defocus-vlm bench stream``: time to first token after the last patch of an image arrives,
+streaming prefill vs one shot.
 
 One shot has to encode the whole image and pre-fill the whole prompt once the last patch is
 there. Streaming has already encoded and pre-filled every earlier chunk while the later patches
@@ -15,19 +16,16 @@ from collections.abc import Callable
 
 import torch
 
-from .configuration_defocus import DefocusVisionConfig
-from .configuration_vlm import DefocusVLMConfig
-from .llm import load_llm, tiny_llama_config, tiny_mamba_config
-from .modeling_vlm import DefocusVLMForConditionalGeneration
+from defocus_vlm.configuration_defocus import DefocusVisionConfig
+from defocus_vlm.configuration_vlm import DefocusVLMConfig
+from defocus_vlm.llm import load_llm, tiny_llama_config, tiny_mamba_config
+from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration
+
+from .timing import sync
 
 TINY_LLMS = {"tiny-llama": tiny_llama_config, "tiny-mamba": tiny_mamba_config}
 TEXT_TOKENS = 16  # prompt text before and after the image
 IMAGE_TOKEN_ID = 0  # placeholder id; the random prompt text never uses it
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def build_model(llm: str, vision_preset: str, vision_depth: int | None, img_size: int, patch_size: int,
@@ -66,7 +64,7 @@ def _prompt(model: DefocusVLMForConditionalGeneration, side: int, patch_size: in
 
 
 def _time_oneshot(model, ids, pixels, device) -> tuple[float, torch.Tensor]:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     logits = model(input_ids=ids, pixel_values=pixels, logits_to_keep=1).logits[:, -1]
     logits.argmax(-1).tolist()  # the first token is known once it is on the host
@@ -78,10 +76,10 @@ def _time_stream(model, ids, pixels, chunk_size, device) -> tuple[float, float, 
     marks: list[float] = []
 
     def mark(_position: int) -> None:
-        _sync(device)
+        sync(device)
         marks.append(time.perf_counter())
 
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     out = model.prefill_image_stream(ids, pixels, chunk_size, logits_to_keep=1, chunk_callback=mark)
     logits = out.logits[:, -1]

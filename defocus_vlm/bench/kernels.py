@@ -1,11 +1,6 @@
-"""Kernel benchmarks: every available backend of every op, forward and forward+backward.
-
-The backends of one op and shape run interleaved (repeat r of each before repeat r + 1 of any)
-and report medians, so load on a shared machine hits them alike; forward+backward differentiates a
-fixed random cotangent of the output (no loss ops inside the timing).
-
-Memory: on CUDA the peak allocated memory; on CPU (no peak counter exists) the bytes that
-autograd saves for the backward pass, which is what grows with sequence length.
+"""Kernel benchmarks (``defocus-vlm bench kernels``): every usable backend of every op, forward and
+forward+backward, the backends of one op and shape interleaved (:func:`.timing.time_interleaved`);
+forward+backward differentiates a fixed random cotangent of the output (no loss ops inside the timing).
 
 Selective-scan rows also give the bytes the op must move at least (its inputs read once, its
 outputs written once: :func:`scan_floor_bytes`), that over the time, and the time that traffic
@@ -14,126 +9,21 @@ takes at the triad bandwidth measured in the same run (:func:`triad_bandwidth`).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from .attention import BACKENDS as ATTENTION_BACKENDS
-from .attention import defocus_attention
-from .causal_conv1d import BACKENDS as CONV_BACKENDS
-from .causal_conv1d import causal_conv1d
-from .registry import importable
-from .retention import BACKENDS as RETENTION_BACKENDS
-from .retention import retention
-from .selective_scan import BACKENDS as SCAN_BACKENDS
-from .selective_scan import selective_scan
+from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
+from defocus_vlm.kernels.attention import BACKENDS as ATTENTION_BACKENDS
+from defocus_vlm.kernels.causal_conv1d import BACKENDS as CONV_BACKENDS
+from defocus_vlm.kernels.registry import importable, usable
+from defocus_vlm.kernels.retention import BACKENDS as RETENTION_BACKENDS
+from defocus_vlm.kernels.selective_scan import BACKENDS as SCAN_BACKENDS
+
+from .timing import time_interleaved, triad_bandwidth
 
 WIDTHS = {"small": 384, "base": 768}  # model width; heads of 64, d_inner = 2 * width, d_state 16
 SCAN_STATE = 16
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class _SavedBytes:
-    """Sum of tensor bytes autograd keeps for backward (a CPU stand-in for peak memory)."""
-
-    def __init__(self) -> None:
-        self.total = 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        self.total += t.numel() * t.element_size()
-        return t
-
-    def __enter__(self) -> _SavedBytes:
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
-
-
-def time_call(fn: Callable[[], torch.Tensor], backward: bool, device: torch.device, repeats: int,
-              warmup: int = 1) -> tuple[float, float]:
-    """Median milliseconds and memory in MB of ``fn`` (and its backward when asked)."""
-
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        with _SavedBytes() as saved:
-            out = fn()
-            if backward:
-                out.float().square().mean().backward()
-        _sync(device)
-        if device.type == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**20
-        return saved.total / 2**20
-
-    for _ in range(warmup):
-        once()
-    times, mem = [], 0.0
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        mem = once()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), mem
-
-
-def time_interleaved(calls: dict[str, Callable[[], torch.Tensor]], backward: bool, device: torch.device,
-                     repeats: int, leaves: tuple = (), warmup: int = 1) -> dict[str, tuple[float, float]]:
-    """Median milliseconds and memory in MB of each call (and its backward when asked), the calls
-    run round-robin. The backward differentiates one fixed random cotangent; the leaves' grads are
-    cleared before every run (outside the timing) so no accumulation is timed."""
-    cotangent: dict[tuple, torch.Tensor] = {}
-
-    def once(fn: Callable[[], torch.Tensor]) -> tuple[float, float]:
-        for t in leaves:
-            t.grad = None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        _sync(device)
-        start = time.perf_counter()
-        with _SavedBytes() as saved:
-            out = fn()
-            if backward:
-                key = (tuple(out.shape), out.dtype)
-                if key not in cotangent:
-                    g = torch.Generator(device="cpu").manual_seed(1)
-                    cotangent[key] = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-                out.backward(cotangent[key])
-        _sync(device)
-        ms = (time.perf_counter() - start) * 1e3
-        mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else saved.total / 2**20
-        return ms, mem
-
-    for _ in range(warmup):
-        for fn in calls.values():
-            once(fn)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    mem: dict[str, float] = {}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            ms, mem[name] = once(fn)
-            times[name].append(ms)
-    return {name: (statistics.median(times[name]), mem[name]) for name in calls}
-
-
-def triad_bandwidth(n: int = 1 << 24, repeats: int = 10) -> float:
-    """STREAM triad a = b + s * c on float32 arrays far beyond the caches, with torch's current
-    threads: best-of GB/s, counting 12 bytes per element (two reads, one write) as STREAM does."""
-    b, c, a = torch.rand(n), torch.rand(n), torch.empty(n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.add(b, c, alpha=3.0, out=a)
-        best = min(best, time.perf_counter() - start)
-    return 12 * n / best / 1e9
 
 
 def scan_floor_bytes(batch: int, dim: int, length: int, nstate: int, itemsize: int, backward: bool) -> int:
@@ -147,7 +37,7 @@ def scan_floor_bytes(batch: int, dim: int, length: int, nstate: int, itemsize: i
     return elements * itemsize
 
 
-def _inputs(op: str, width: int, length: int, device: torch.device, dtype: torch.dtype, grad: bool,
+def op_inputs(op: str, width: int, length: int, device: torch.device, dtype: torch.dtype, grad: bool,
             batch: int = 1):
     g = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_(grad)  # noqa: E731
@@ -165,7 +55,7 @@ def _inputs(op: str, width: int, length: int, device: torch.device, dtype: torch
     return r(batch, inner, length), r(inner, 4), r(inner)
 
 
-def _op_calls(op: str, args, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
+def op_calls(op: str, args, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
     """Backend name -> zero-argument call; external baselines are named ``baseline:*``."""
     calls: dict[str, Callable[[], torch.Tensor]] = {}
     if op == "attention":
@@ -196,18 +86,6 @@ def _op_calls(op: str, args, device: torch.device) -> dict[str, Callable[[], tor
         for name in CONV_BACKENDS:
             calls[name] = lambda n=name: causal_conv1d(x, w, b, backend=n)[0]
     return calls
-
-
-def _usable(op: str, name: str, device: torch.device) -> bool:
-    if name == "fused":  # the C++ CPU scan, when it builds here
-        from .selective_scan_cpu import fused_available
-
-        return device.type == "cpu" and fused_available()
-    needs = {"mamba_ssm": "mamba_ssm.ops.selective_scan_interface", "causal_conv1d": "causal_conv1d",
-             "fla": "fla.ops.simple_gla", "triton": "triton", "flex": "torch.nn.attention.flex_attention"}
-    if name in needs:
-        return device.type == "cuda" and importable(needs[name])
-    return name != "torch" or op != "causal_conv1d"  # "torch" is an alias of the reference there
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -243,10 +121,10 @@ def run_kernel_benchmarks(device: str = "cpu", ops: list[str] | None = None, len
     for op in ops:
         for batch, width, length in shapes:
             for backward in (False, True):
-                args = _inputs(op, width, length, dev, dt, backward, batch)
+                args = op_inputs(op, width, length, dev, dt, backward, batch)
                 calls = {}
-                for name, call in _op_calls(op, args, dev).items():
-                    if not name.startswith("baseline:") and not _usable(op, name, dev):
+                for name, call in op_calls(op, args, dev).items():
+                    if not name.startswith("baseline:") and not usable(op, name, dev):
                         continue
                     sequential = (op, name) in (("selective_scan", "reference"), ("retention", "recurrent"))
                     if sequential and length > max_sequential_length:

@@ -1,5 +1,5 @@
-"""Encoder benchmarks: throughput and memory of the Small presets beside timm's DeiT-S, and
-the cost of one streaming step at an early and a late position."""
+"""Encoder benchmarks (``defocus-vlm bench encoders``): throughput and memory of the Small presets
+beside timm's DeiT-S, and the cost of one streaming step at an early and a late position."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import os
 from collections.abc import Callable, Iterator
 
 import torch
-from defocus_vlm.kernels.benchmark import time_call
+
+from defocus_vlm.encoders.config import EncoderConfig
+from defocus_vlm.encoders.model import DefocusEncoder, EncoderState
+from defocus_vlm.encoders.presets import get_preset
 from defocus_vlm.kernels.dispatch import ENV_VAR
 
-from .config import EncoderConfig
-from .model import DefocusEncoder, EncoderState
-from .presets import get_preset
+from .timing import time_call
 
 SMALL_PRESETS = ["defocus_vit_small", "defocus_retnet_small", "defocus_mamba_small",
                  "causal_vit_small", "causal_mamba_small", "vit_small"]

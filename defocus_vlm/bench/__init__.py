@@ -1,0 +1,1 @@
+"""Benchmarks (``defocus-vlm bench``): kernels, encoders, streaming, and the timing they share."""
