@@ -9,18 +9,27 @@ Running a plan again picks up where it stopped: a run whose ``metrics.json`` exi
 with a checkpoint continues with ``--resume`` (exact), anything else in its directory (a run killed
 before its first checkpoint) is started afresh. ``--collect`` (also done after every finished run)
 writes the plan's results JSON: every run's final metrics and command, and per row the mean and
-standard deviation over seeds, plus the per-epoch validation curve."""
+standard deviation over seeds, plus the per-epoch validation curve.
+
+Chains (a stage-1 tower, then stage 3 on it, then its evaluation): a group may set its own ``stage``
+(``none``: no training, evaluations only) and ``budget`` (added after the plan's); ``{out:ROW}`` in a
+row's ``set`` is ROW's output directory at the same seed, and the run waits until ROW is done (a
+failed ROW fails it). A group's ``evals`` (name -> a defocus-vlm command line, ``{out}`` standing for
+the run's directory, nested lists spliced in; a row's own ``evals`` add to them) run after its
+training, each with ``--output-dir OUT/NAME`` added. A run is done when its ``metrics.json`` (if it
+trains) and every ``OUT/NAME/metrics.json`` exist; the results JSON has their numbers as ``NAME.<key>``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -29,24 +38,50 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = str(ROOT / ".venv" / "bin" / "defocus-vlm")
 
 
+OUT_REF = re.compile(r"\{out:([^}]+)\}")  # {out:ROW}: ROW's output directory at the same seed
+NO_TRAINING = "none"  # a group's stage when its rows only run evaluations
+POLL_S = 5.0  # seconds between looks at the running processes
+
+
 @dataclass
 class Job:
     group: str
     row: str
     seed: int
-    argv: list[str]  # the defocus-vlm command line, without --resume
+    argv: list[str] | None  # the defocus-vlm training command line, without --resume; None: no training
     out: Path
+    evals: dict[str, list[str]] = field(default_factory=dict)  # name -> command line, without --output-dir
+    needs: list[Path] = field(default_factory=list)  # output directories of the runs this one waits for
 
     @property
     def name(self) -> str:
         return f"{self.row}-seed{self.seed}"
 
     @property
+    def trained(self) -> bool:
+        return self.argv is None or (self.out / "metrics.json").is_file()
+
+    def eval_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def eval_argv(self, name: str) -> list[str]:
+        return [*self.evals[name], "--output-dir", str(self.eval_dir(name).relative_to(ROOT))]
+
+    @property
     def done(self) -> bool:
-        return (self.out / "metrics.json").is_file()
+        return self.trained and all((self.eval_dir(n) / "metrics.json").is_file() for n in self.evals)
 
     def resumable(self) -> bool:
         return (self.out / "checkpoints" / "latest").is_file()
+
+    def next_command(self) -> list[str] | None:
+        """What is left to run: the training (with --resume when it can), then each evaluation not done."""
+        if not self.trained:
+            return [*self.argv, "--resume"] if self.resumable() else self.argv
+        for name in self.evals:
+            if not (self.eval_dir(name) / "metrics.json").is_file():
+                return self.eval_argv(name)
+        return None
 
 
 def load_plan(path: Path) -> dict:
@@ -57,20 +92,37 @@ def load_plan(path: Path) -> dict:
     return plan
 
 
+def flatten(args: list) -> list:
+    """A command line with nested lists (a YAML alias shared by several commands) spliced in."""
+    return [a for arg in args for a in (flatten(arg) if isinstance(arg, list) else [arg])]
+
+
+def fill_paths(arg: str, root: Path, seed: int, out: Path) -> str:
+    """``arg`` with ``{out:ROW}`` (ROW's directory at ``seed``) and ``{out}`` (``out``) written out."""
+    arg = OUT_REF.sub(lambda ref: str((root / f"{ref[1]}-seed{seed}").relative_to(ROOT)), arg)
+    return arg.replace("{out}", str(out.relative_to(ROOT)))
+
+
 def plan_jobs(plan: dict, only: list[str] | None = None) -> list[Job]:
     """Every (row, seed) of the plan, in plan order (group, seed, row)."""
     root = ROOT / plan["output_root"]
-    common = [*plan.get("common", []), *plan.get("budget", [])]
     jobs = []
     for group in plan["groups"]:
         if only and group["name"] not in only:
             continue
+        stage = group.get("stage", plan["stage"])
+        common = [*plan.get("common", []), *plan.get("budget", []), *group.get("budget", [])]
         for seed in group["seeds"]:
             for row, spec in group["rows"].items():
                 out = root / f"{row}-seed{seed}"
-                argv = ["train", plan["stage"], "--config", spec["config"], *common, *spec.get("set", []),
-                        f"train.seed={seed}", f"train.output_dir={out.relative_to(ROOT)}"]
-                jobs.append(Job(group["name"], row, seed, argv, out))
+                overrides = [fill_paths(a, root, seed, out) for a in spec.get("set", [])]
+                needs = [root / f"{ref}-seed{seed}" for a in spec.get("set", []) for ref in OUT_REF.findall(a)]
+                argv = None if stage == NO_TRAINING else [
+                    "train", stage, "--config", spec["config"], *common, *overrides,
+                    f"train.seed={seed}", f"train.output_dir={out.relative_to(ROOT)}"]
+                evals = {name: [fill_paths(str(a), root, seed, out) for a in flatten(cmd)]
+                         for name, cmd in {**group.get("evals", {}), **spec.get("evals", {})}.items()}
+                jobs.append(Job(group["name"], row, seed, argv, out, evals, needs))
     return jobs
 
 
@@ -83,37 +135,54 @@ def unique(jobs: list[Job]) -> list[Job]:
 
 
 def start(job: Job) -> subprocess.Popen:
-    argv = list(job.argv)
-    if job.resumable():
-        argv.append("--resume")
-    elif job.out.exists():
+    argv = job.next_command()
+    if not job.trained and not job.resumable() and job.out.exists():
         shutil.rmtree(job.out)  # killed before its first checkpoint: nothing to keep
-    job.out.parent.mkdir(parents=True, exist_ok=True)
+    job.out.mkdir(parents=True, exist_ok=True)
     log = open(job.out.parent / f"{job.name}.log", "a")  # noqa: SIM115 (closed with the process)
     print(f"[{time.strftime('%H:%M:%S')}] start {job.name}: defocus-vlm {' '.join(argv)}", flush=True)
     return subprocess.Popen([CLI, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
 def run(jobs: list[Job], parallel: int, on_finish) -> int:
-    """Run the unfinished jobs, ``parallel`` at a time; the number that failed."""
-    pending = [j for j in unique(jobs) if not j.done]
+    """Run the unfinished jobs, ``parallel`` at a time, each once the runs it needs are done; the number
+    that failed (a job whose needed run failed, or is neither done nor planned, fails too)."""
+    planned = {j.out: j for j in unique(jobs)}
+    pending = [j for j in planned.values() if not j.done]
     running: dict[str, tuple[Job, subprocess.Popen]] = {}
-    failed = 0
+    failed: set[Path] = set()
+
+    def ready(need: Path) -> bool:
+        return planned[need].done if need in planned else (need / "metrics.json").is_file()
+
     while pending or running:
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
+        for job in list(pending):
+            broken = [n for n in job.needs if n in failed or (n not in planned and not ready(n))]
+            if broken:
+                pending.remove(job)
+                failed.add(job.out)
+                print(f"[{time.strftime('%H:%M:%S')}] SKIPPED {job.name}: it needs {broken[0].name}, which failed "
+                      "or is neither done nor in this run", flush=True)
+        for job in [j for j in pending if all(ready(n) for n in j.needs)]:
+            if len(running) >= parallel:
+                break
+            pending.remove(job)
             running[job.name] = (job, start(job))
-        time.sleep(5)
+        time.sleep(POLL_S)
         for name, (job, proc) in list(running.items()):
             if proc.poll() is None:
                 continue
+            if proc.returncode == 0 and job.next_command() is not None:  # trained: its evaluations next
+                running[name] = (job, start(job))
+                continue
             del running[name]
             ok = proc.returncode == 0 and job.done
-            failed += not ok
+            if not ok:
+                failed.add(job.out)
             print(f"[{time.strftime('%H:%M:%S')}] {'done' if ok else 'FAILED'} {name} (exit {proc.returncode})",
                   flush=True)
             on_finish()
-    return failed
+    return len(failed)
 
 
 def val_curve(out: Path) -> list[dict]:
@@ -126,18 +195,37 @@ def val_curve(out: Path) -> list[dict]:
     return [last[step] for step in sorted(last)]
 
 
+def numbers(metrics: dict, prefix: str) -> dict[str, float]:
+    """The numeric leaves of a metrics dict as ``prefix.key.subkey`` (sample counts left out)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out |= numbers(value, f"{prefix}.{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "samples":
+            out[f"{prefix}.{key}"] = value
+    return out
+
+
 def collect(plan: dict, jobs: list[Job]) -> dict:
     runs, rows = [], {}
     for job in jobs:
-        entry = {"group": job.group, "row": job.row, "seed": job.seed, "command": "defocus-vlm " + " ".join(job.argv),
-                 "done": job.done}
+        commands = ([job.argv] if job.argv else []) + [job.eval_argv(name) for name in job.evals]
+        entry = {"group": job.group, "row": job.row, "seed": job.seed,
+                 "command": " && ".join("defocus-vlm " + " ".join(c) for c in commands), "done": job.done}
         if job.done:
-            metrics = json.loads((job.out / "metrics.json").read_text())
-            entry |= {"val": metrics["val"], "steps": metrics["steps"], "wall_s": metrics["wall_s"],
-                      "curve": val_curve(job.out)}
-            for kind, values in metrics["val"].items():
-                for key, value in values.items():
-                    rows.setdefault((job.group, job.row), {}).setdefault(f"{kind}.{key}", []).append(value)
+            found = {}
+            if job.argv:
+                metrics = json.loads((job.out / "metrics.json").read_text())
+                entry |= {"val": metrics["val"], "steps": metrics["steps"], "wall_s": metrics["wall_s"],
+                          "curve": val_curve(job.out)}
+                for kind, values in metrics["val"].items():
+                    found |= {f"{kind}.{key}": value for key, value in values.items()}
+            for name in job.evals:
+                metrics = json.loads((job.eval_dir(name) / "metrics.json").read_text())
+                entry.setdefault("evals", {})[name] = metrics
+                found |= numbers(metrics, name)
+            for key, value in found.items():
+                rows.setdefault((job.group, job.row), {}).setdefault(key, []).append(value)
         runs.append(entry)
     summary = []
     for (group, row), metrics in rows.items():
@@ -147,8 +235,24 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
                          "std": round(statistics.stdev(values), 3) if len(values) > 1 else None,
                          "values": values}
         summary.append(line)
+    groups = {g["name"]: {"stage": g.get("stage", plan["stage"]), "budget": g.get("budget", [])}
+              for g in plan["groups"]}
     return {"plan": plan["name"], "budget": plan.get("budget", []), "common": plan.get("common", []),
-            "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": summary, "runs": runs}
+            "groups": groups, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": summary, "runs": runs}
+
+
+def table(results: dict, keys: list[str]) -> str:
+    """A Markdown table: one line per row of ``results`` (from :func:`collect`), the mean +- std of each key."""
+    def cell(line: dict, key: str) -> str:
+        if key not in line:
+            return "-"
+        value = line[key]
+        return f"{value['mean']:.2f}" + (f" ± {value['std']:.2f}" if value["std"] is not None else "")
+
+    lines = ["| row | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += [f"| {line['row']} | {line['seeds']} | " + " | ".join(cell(line, k) for k in keys) + " |"
+              for line in results["rows"]]
+    return "\n".join(lines)
 
 
 def write_results(plan: dict, jobs: list[Job]) -> None:
@@ -166,13 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only these groups")
     parser.add_argument("--collect", action="store_true", help="only (re)write the results JSON")
     parser.add_argument("--list", action="store_true", help="print each run's state and command")
+    parser.add_argument("--table", nargs="+", metavar="KEY",
+                        help="print the results JSON's rows as a Markdown table of these keys (mean +- std)")
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
+    if args.table:
+        print(table(json.loads((ROOT / plan["results"]).read_text()), args.table))
+        return 0
     jobs = plan_jobs(plan, args.only)
     if args.list:
         for job in unique(jobs):
-            state = "done" if job.done else "resume" if job.resumable() else "todo"
-            print(f"{state:6s} {job.name:40s} defocus-vlm {' '.join(job.argv)}")
+            state = "done" if job.done else "resume" if job.resumable() else "eval" if job.trained else "todo"
+            print(f"{state:6s} {job.name:40s} defocus-vlm {' '.join(job.next_command() or job.argv or [])}")
         return 0
     if not args.collect:
         failed = run(jobs, args.jobs, lambda: write_results(plan, plan_jobs(plan)))

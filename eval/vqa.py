@@ -1,7 +1,8 @@
 """VQA evaluation runner: batched greedy answers, a predictions JSONL that a rerun resumes, a metrics JSON.
 
 CLI: ``defocus-vlm eval vqa --model DIR --benchmark NAME [--data PATH] [--split S] [--batch-size N]
-[--limit N] [--output-dir DIR]``. Benchmarks: easy-vqa (the ``easy-vqa`` package, or a LLaVA-JSON export
+[--limit N] [--output-dir DIR]`` (``--answer-prior type|question`` instead of ``--model``: the no-image
+baseline of :mod:`eval.vqa_prior`). Benchmarks: easy-vqa (the ``easy-vqa`` package, or a LLaVA-JSON export
 as --data), shapes-vqa (accuracy also per question type and region), vqav2, textvqa, gqa, pope, scienceqa,
 mmbench (file layouts in :mod:`defocus_vlm.data.vqa`). Writes ``predictions.jsonl`` and ``metrics.json`` to the output
 folder and prints the metrics; rerunning with the same folder only answers the questions not yet there.
@@ -38,6 +39,7 @@ from .vqa_metrics import (
     textvqa_accuracy,
     vqa_accuracy,
 )
+from .vqa_prior import PRIORS, PriorAnswerer, prior_answers
 
 Answerer = Callable[[Sequence[tuple[Image.Image, str]]], list[str]]
 
@@ -203,7 +205,12 @@ def _answer_and_score(answerer: Answerer, samples: Sequence[VQASample], benchmar
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="exported vision-language model directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="exported vision-language model directory")
+    source.add_argument("--answer-prior", choices=PRIORS, default=None,
+                        help="no model: answer each question with the training split's most common answer of its "
+                             "type or of its text (eval/vqa_prior.py; benchmarks with question types: shapes-vqa)")
+    parser.add_argument("--train-split", default="train", help="the split --answer-prior counts answers on")
     parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS), help="which benchmark")
     parser.add_argument(
         "--data", default=None,
@@ -226,10 +233,17 @@ def run_cli(args: argparse.Namespace) -> int:
     samples = read_benchmark(args.benchmark, args.data, split, args.image_dir)
     if args.limit:
         samples = samples[: args.limit]
-    output_dir = args.output_dir or Path("runs") / "vqa" / Path(args.model).name / f"{args.benchmark}-{split}"
-    answerer = VLMAnswerer(args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+    name = Path(args.model).name if args.model else f"answer-prior-{args.answer_prior}"
+    output_dir = args.output_dir or Path("runs") / "vqa" / name / f"{args.benchmark}-{split}"
+    if args.answer_prior:
+        train = read_benchmark(args.benchmark, args.data, args.train_split, args.image_dir)
+        answerer = PriorAnswerer(prior_answers(train, samples, args.answer_prior))
+        model = f"answer prior by {args.answer_prior} of {args.train_split}"
+    else:
+        answerer = VLMAnswerer(args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+        model = str(Path(args.model).resolve())
     run_info = {
-        "model": str(Path(args.model).resolve()),
+        "model": model,
         "data": str(Path(args.data).resolve()) if args.data else None,
         "split": split,
         "max_new_tokens": args.max_new_tokens,

@@ -20,6 +20,7 @@ WITHOUT_DEVICE = {
     "convert-official": "converts weights on the CPU",
     "data easy-vqa": "writes data files",
     "data shapes-vqa": "writes data files",
+    "eval vqa-samples": "draws answers already in eval vqa outputs, runs no model",
     "merge-lora": "folds weights on the CPU",
     "train": "the run config and the launcher place the processes",
     "demo": "runs the training stages, placed like train",

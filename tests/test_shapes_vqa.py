@@ -312,5 +312,9 @@ def test_reader_tags_and_per_type_accuracy(small_set):
     assert by_type["spatial"]["accuracy"] == 0.0
     assert sum(v["samples"] for v in metrics["accuracy_by_region"].values()) == len(samples)
     assert set(metrics["accuracy_by_region"]) <= {"top", "bottom", "both", "none"}
+    by_cell = metrics["accuracy_by_type_region"]  # type x region: where a tower loses which type
+    assert {k: v["samples"] for k, v in by_cell.items()} == Counter(f"{q['type']}/{q['region']}" for q in questions)
+    assert {k: v["accuracy"] for k, v in by_cell.items() if k.split("/")[0] in ("count", "spatial")} == {
+        k: 100.0 if k.startswith("count/") else 0.0 for k in by_cell if k.split("/")[0] in ("count", "spatial")}
     unseen = read_benchmark("shapes-vqa", small_set, "test_unseen")
     assert {dict(s.tags)["combination"] for s in unseen} == {"seen", "unseen"}

@@ -205,7 +205,8 @@ def test_shapes_vqa_export_is_read_with_its_tags(tmp_path):
     scenes = _write_json(tmp_path / "scenes.json", {"splits": {"test": {"questions": [question]}}})
     [s] = read_benchmark("shapes-vqa", tmp_path)
     assert (s.question_id, s.question, s.answers) == ("q0", "How many shapes are there?", ("3",))
-    assert s.tags == (("type", "count_all"), ("region", "both"), ("combination", "seen"))
+    assert s.tags == (("type", "count_all"), ("region", "both"), ("combination", "seen"),
+                      ("type_region", "count_all/both"))
     assert build_prompt(s) == f"How many shapes are there?\n{SHORT_ANSWER_PROMPT}"
 
     with pytest.raises(ValueError, match="shapes-VQA needs the folder .* got the file"):

@@ -12,7 +12,7 @@ import sys
 import time
 
 from defocus_vlm.cli_options import add_output_dir
-from defocus_vlm.data import easy_vqa, shapes_vqa
+from defocus_vlm.data import easy_vqa, shapes_objects, shapes_vqa
 
 # LLaVA-1.5's instruction for short-answer VQA (appended to every question, as in its training data)
 from defocus_vlm.data.vqa import SHORT_ANSWER_PROMPT
@@ -53,6 +53,11 @@ def _add_shapes_vqa_arguments(sub: argparse._SubParsersAction) -> None:
                    help="none: shapes 2 px apart; partial: shapes may overlap but no centre is covered")
     p.add_argument("--background", choices=shapes_vqa.BACKGROUNDS, default=defaults.background,
                    help="plain, textured (checker or stripes) or mixed (a third each); the shapes stay the same")
+    p.add_argument("--objects", action="store_true",
+                   help="also write DIR/objects/{train,val}/<colour>_<shape>_<size>/: each scene's objects one per "
+                        "image, a classification set for stage 1 (defocus_vlm.data.shapes_objects)")
+    p.add_argument("--blank", action="store_true",
+                   help="also write DIR/blank/: a plain grey canvas under every image's name, for a blind baseline")
     p.add_argument("--instruction", default=SHORT_ANSWER_PROMPT,
                    help="text on its own line after each question ('' for none); default: LLaVA's short-answer prompt")
 
@@ -64,6 +69,10 @@ def run_shapes_vqa(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     summary = shapes_vqa.write_shapes_vqa(args.output_dir, config, args.instruction)
+    if args.objects:
+        summary["objects"] = shapes_objects.write_objects(args.output_dir, config)
+    if args.blank:
+        summary["blank"] = shapes_objects.write_blank(args.output_dir, config)
     print(json.dumps({**summary, "seconds": round(time.perf_counter() - start, 1)}), file=sys.stdout)
     return 0
 

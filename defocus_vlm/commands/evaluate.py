@@ -15,6 +15,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "zeroshot": ("zeroshot", "zero-shot top-1/top-5 of a CLIP model with class-name prompts"),
     "retrieval": ("retrieval", "image->text and text->image R@1/5/10 of a CLIP model on image-text pairs"),
     "vqa": ("vqa", "VQA benchmarks (easy-VQA, VQAv2, TextVQA, GQA, POPE, ScienceQA, MMBench) of an exported VLM"),
+    "vqa-samples": ("vqa_samples", "one PNG of sample questions with each model's answers, from eval vqa outputs"),
 }
 
 

@@ -354,8 +354,8 @@ def read_easy_vqa(data: Path | None, split: str, image_dir: str | os.PathLike | 
 
 
 def read_shapes_vqa(data: Path, split: str, image_dir: str | os.PathLike | None = None) -> list[VQASample]:
-    """The questions of ``DIR/{split}.json``, each tagged with its type, region and combination from
-    ``DIR/scenes.json``."""
+    """The questions of ``DIR/{split}.json``, each tagged with its type, region, combination and
+    type/region from ``DIR/scenes.json``."""
     if data.is_file():
         raise ValueError(f"shapes-VQA needs the folder that `defocus-vlm data shapes-vqa` wrote, got the file {data}")
     path = _data_file(data, "scenes.json")
@@ -366,10 +366,10 @@ def read_shapes_vqa(data: Path, split: str, image_dir: str | os.PathLike | None 
     for i, q in enumerate(_field(splits[split], "questions", path, f"split {split}", list)):
         where = f"{split} question {i}"
         combination = "unseen" if _field(q, "unseen", path, where) else "seen"
+        qtype, region = str(_field(q, "type", path, where)), str(_field(q, "region", path, where))
+        # type_region: whether a tower loses a question type where its evidence lies (top / bottom half)
         tags[str(_field(q, "id", path, where))] = (
-            ("type", str(_field(q, "type", path, where))),
-            ("region", str(_field(q, "region", path, where))),
-            ("combination", combination),
+            ("type", qtype), ("region", region), ("combination", combination), ("type_region", f"{qtype}/{region}"),
         )
     samples = read_llava_json(data, split, image_dir)
     for s in samples:

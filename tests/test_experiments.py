@@ -1,0 +1,142 @@
+"""benchmarks/experiments.py, the plan runner: chains of runs (a group's own stage and budget, ``{out:ROW}``
+naming another run's directory and waiting for it, evaluations after training, evaluation-only groups),
+run with a stand-in for the defocus-vlm CLI that records what it was asked to do."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("experiments", ROOT / "benchmarks" / "experiments.py")
+experiments = importlib.util.module_from_spec(spec)
+sys.modules["experiments"] = experiments  # dataclasses look their module up
+spec.loader.exec_module(experiments)
+
+# Records its command line; `train` writes metrics.json (exit 1 when told to fail), `eval` writes its metrics.
+FAKE_CLI = f"""#!{sys.executable}
+import json, sys
+from pathlib import Path
+argv = sys.argv[1:]
+with open("calls.txt", "a") as log:
+    log.write(" ".join(argv) + "\\n")
+if argv[0] == "train":
+    if "fail=1" in argv:
+        sys.exit(1)
+    values = dict(a.split("=", 1) for a in argv if "=" in a)
+    out = Path(values["train.output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(values["train.seed"])
+    (out / "metrics.json").write_text(json.dumps({{"val": {{"raw": {{"top1": 50 + seed}}}}, "steps": 3, "wall_s": 1}}))
+else:
+    out = Path(argv[argv.index("--output-dir") + 1])
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {{"accuracy": 40.0, "samples": 9, "accuracy_by_type": {{"count": {{"accuracy": 30.0, "samples": 3}}}}}}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+"""
+
+PLAN = {
+    "name": "chain", "stage": "instruct", "output_root": "runs/chain", "results": "results/chain.json",
+    "common": ["train.cpu_threads=1"],
+    "groups": [
+        {"name": "stage1", "stage": "classification", "budget": ["train.epochs=2"], "seeds": [0, 1],
+         "rows": {"objects-a": {"config": "objects", "set": ["model.vision.source=a"]},
+                  "objects-b": {"config": "objects", "set": ["model.vision.source=b", "fail=1"]}}},
+        {"name": "towers", "budget": ["train.epochs=1"], "seeds": [0, 1],
+         "evals": {"test": [["eval", "vqa", "--split"], "test", "--model", "{out}/model"]},
+         "rows": {"a": {"config": "vqa", "set": ["model.vision.source={out:objects-a}/model"]},
+                  "b": {"config": "vqa", "set": ["model.vision.source={out:objects-b}/model"]}}},
+        {"name": "prior", "stage": "none", "seeds": [0],
+         "rows": {"prior": {"evals": {"test": ["eval", "vqa", "--answer-prior", "type"]}}}},
+    ],
+}
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    cli = tmp_path / "fake-cli"
+    cli.write_text(FAKE_CLI)
+    cli.chmod(0o755)
+    monkeypatch.setattr(experiments, "ROOT", tmp_path)
+    monkeypatch.setattr(experiments, "CLI", str(cli))
+    monkeypatch.setattr(experiments, "POLL_S", 0.05)
+    return tmp_path
+
+
+def test_plan_resolves_chains(root):
+    jobs = {j.name: j for j in experiments.plan_jobs(PLAN)}
+    a1 = jobs["a-seed1"]
+    assert a1.argv == ["train", "instruct", "--config", "vqa", "train.cpu_threads=1", "train.epochs=1",
+                       "model.vision.source=runs/chain/objects-a-seed1/model", "train.seed=1",
+                       "train.output_dir=runs/chain/a-seed1"]
+    assert a1.needs == [root / "runs/chain/objects-a-seed1"]
+    assert a1.eval_argv("test") == ["eval", "vqa", "--split", "test", "--model", "runs/chain/a-seed1/model",
+                                    "--output-dir", "runs/chain/a-seed1/test"]
+    assert jobs["objects-a-seed0"].argv[:2] == ["train", "classification"] and "train.epochs=2" in jobs[
+        "objects-a-seed0"].argv
+    assert jobs["prior-seed0"].argv is None and jobs["prior-seed0"].trained
+    assert jobs["prior-seed0"].next_command()[-2:] == ["--output-dir", "runs/chain/prior-seed0/test"]
+
+
+def test_run_waits_for_needed_runs_and_skips_after_a_failure(root, capsys):
+    jobs = experiments.plan_jobs(PLAN)
+    finished = []
+    failed = experiments.run(jobs, parallel=2, on_finish=lambda: finished.append(1))
+    calls = (root / "calls.txt").read_text().splitlines()
+    # objects-b fails at both seeds; b waits for it and is skipped, never started
+    assert failed == 4 and "SKIPPED b-seed0" in capsys.readouterr().out
+    assert not any("objects-b-seed0/model" in c for c in calls)
+    for seed in (0, 1):
+        train = calls.index(next(c for c in calls if c.endswith(f"train.output_dir=runs/chain/a-seed{seed}")))
+        needed = calls.index(next(c for c in calls if c.endswith(f"output_dir=runs/chain/objects-a-seed{seed}")))
+        evaluation = calls.index(next(c for c in calls if c.endswith(f"runs/chain/a-seed{seed}/test")))
+        assert needed < train < evaluation
+    assert {j.name for j in jobs if j.done} == {"objects-a-seed0", "objects-a-seed1", "a-seed0", "a-seed1",
+                                                "prior-seed0"}
+    results = experiments.collect(PLAN, jobs)
+    row = next(r for r in results["rows"] if r["row"] == "a")
+    assert row["raw.top1"]["values"] == [50, 51] and row["test.accuracy"]["mean"] == 40.0
+    assert row["test.accuracy_by_type.count.accuracy"]["std"] == 0.0
+    assert "test.samples" not in row and results["groups"]["stage1"]["stage"] == "classification"
+    lines = experiments.table(results, ["raw.top1", "test.accuracy"]).splitlines()
+    assert lines[0] == "| row | seeds | raw.top1 | test.accuracy |"
+    assert "| a | 2 | 50.50 ± 0.71 | 40.00 ± 0.00 |" in lines and "| objects-a | 2 | 50.50 ± 0.71 | - |" in lines
+    assert "| prior | 1 | - | 40.00 |" in lines
+    # a second run has nothing left but the failures: the finished runs are not started again
+    (root / "calls.txt").unlink()
+    assert experiments.run(experiments.plan_jobs(PLAN), parallel=1, on_finish=lambda: None) == 4
+    assert all("objects-b" in c for c in (root / "calls.txt").read_text().splitlines())
+
+
+def test_a_trained_run_only_evaluates(root):
+    job = next(j for j in experiments.plan_jobs(PLAN) if j.name == "a-seed0")
+    job.out.mkdir(parents=True)
+    (job.out / "metrics.json").write_text(json.dumps({"val": {}, "steps": 1, "wall_s": 1}))
+    (root / "runs/chain/objects-a-seed0").mkdir(parents=True)
+    (root / "runs/chain/objects-a-seed0/metrics.json").write_text("{}")
+    assert experiments.run([job], parallel=1, on_finish=lambda: None) == 0
+    assert (root / "calls.txt").read_text().split() [:2] == ["eval", "vqa"] and job.done
+
+
+@pytest.mark.parametrize("plan_file", sorted((ROOT / "benchmarks" / "plans").glob("*.yaml")), ids=lambda p: p.stem)
+def test_committed_plans_parse_and_their_configs_load(plan_file):
+    """Every run of a committed plan: its commands parse with today's CLI, its config + overrides load,
+    and every run it waits for is in the plan."""
+    from defocus_vlm.training.config import load_config
+
+    from defocus_vlm.cli import build_parser
+
+    jobs = experiments.plan_jobs(experiments.load_plan(plan_file))
+    outs = {j.out for j in jobs}
+    parser = build_parser()
+    for job in jobs:
+        assert set(job.needs) <= outs, job.name
+        for argv in ([job.argv] if job.argv else []) + [job.eval_argv(n) for n in job.evals]:
+            args = parser.parse_args(argv)
+            if args.command == "train":
+                config_file, *more = args.config
+                load_config(config_file, list(args.overrides) + more, stage=args.stage)
