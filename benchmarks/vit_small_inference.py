@@ -15,9 +15,9 @@ import statistics
 import time
 
 import torch
-from defocus_vlm.bench.encoders import build
 from defocus_vlm.kernels import attention
 
+from defocus_vlm.bench.encoders import build
 from defocus_vlm.commands.bench import _emit
 
 
