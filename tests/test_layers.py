@@ -94,3 +94,10 @@ def test_imports_point_downward_only():
 def test_the_rule_itself(module, target, upward):
     source, to = layer_of(module), layer_of(target)
     assert (RANK[to] > RANK[source] or (source == "eval" and to == "training")) == upward
+
+
+def test_each_package_is_listed_once():
+    """Two branches adding the same package left it twice in pyproject, which the GPU check's package
+    mirror (benchmarks/gpu/mirror_package.py) refuses."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert len(packages) == len(set(packages)), sorted(p for p in packages if packages.count(p) > 1)
