@@ -70,7 +70,7 @@ def demo_steps(out: Path, fast: bool = False) -> list[Step]:
     export_limit = ["--limit", "3000"] if fast else []
     return [
         Step(FASHION,
-             ["train", "classification", "--config", "fashion_demo", *tiny,
+             ["train", "classification", "--config", "demo_fashion", *tiny,
               f"train.output_dir={fm}"], str(fm / "metrics.json")),
         Step("eval: Fashion-MNIST top-1",
              ["eval", "classification", "--model", str(fm / "model"), "--data", FASHION_MNIST_DIR, *limit,
@@ -101,7 +101,7 @@ def demo_steps(out: Path, fast: bool = False) -> list[Step]:
     ]
 
 
-# Each stage's budget is its config's (configs/*/fashion_demo.yaml, easy_vqa_chain.yaml), chosen so
+# Each stage's budget is its config's (configs/*/demo_fashion.yaml, easy_vqa_chain.yaml), chosen so
 # the whole demo fits in 15 minutes on 2 CPU cores; README "The demo" gives the measured times.
 # The answers are one word (+ end of turn): two new tokens, big batches.
 DEMO_VQA_EVAL = ["--max-new-tokens", "2", "--batch-size", "512"]
