@@ -20,10 +20,14 @@ from pathlib import Path
 from defocus_vlm.cli import main as cli_main
 from defocus_vlm.demo import SOURCE_KEY, STAGE3, VQA_EVAL, demo_steps
 
-# the stage-1 architecture (configs/classification/easy_vqa_chain.yaml), untrained
-RANDOM_TOWER = [f"{SOURCE_KEY}defocus_vit_tiny", "model.vision.overrides.img_size=32",
-                "model.vision.overrides.patch_size=4", "model.vision.overrides.embed_dim=128",
-                "model.vision.overrides.depth=4", "model.vision.overrides.num_heads=4"]
+
+def random_tower() -> list[str]:
+    """Stage 1's tower as its config declares it (configs/classification/easy_vqa_chain.yaml), untrained."""
+    from defocus_vlm.training.config import load_config
+
+    stage1 = load_config("easy_vqa_chain", stage="classification")
+    dims = {**stage1.model.vision.overrides, "img_size": stage1.data.img_size}
+    return [f"{SOURCE_KEY}{stage1.model.vision.source}", *(f"model.vision.overrides.{k}={v}" for k, v in dims.items())]
 
 
 def swap(argv: list[str], old: str, new: str) -> list[str]:
@@ -34,7 +38,7 @@ def main(demo: Path) -> dict:
     steps = {s.name: s for s in demo_steps(demo)}
     train, evaluate = steps[STAGE3], steps[VQA_EVAL]
     own_tower = train.source()
-    towers = {"random": RANDOM_TOWER, "stage 1": [f"{SOURCE_KEY}{demo / 'stage1' / 'model'}"],
+    towers = {"random": random_tower(), "stage 1": [f"{SOURCE_KEY}{demo / 'stage1' / 'model'}"],
               "stage 2": [f"{SOURCE_KEY}{own_tower}"]}
     out = demo / "chain"
     results = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
