@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .dispatch import KernelOp
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 _DISTANCES: dict = {}  # (Lq, Lk, q_offset, causal, dtype, device) -> (|t - s|, causal mask): constants
 
 
@@ -57,11 +58,13 @@ def attention_probabilities(
     """softmax(q k^T * scale + decay/causal bias) over the keys, (B, H, Lq, Lk): the weights the
     reference backend multiplies v by (what ``output_attentions`` returns)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    bias = decay_bias(log_decay, q.shape[-2], k.shape[-2], causal, q_offset, q.dtype, q.device)
-    scores = (q @ k.transpose(-1, -2)) * scale
+    # bf16/fp16 inputs: the logits, the decay bias and the softmax in float32 (as fused kernels do)
+    logits_dtype = torch.float32 if q.dtype in LOW_PRECISION else q.dtype
+    bias = decay_bias(log_decay, q.shape[-2], k.shape[-2], causal, q_offset, logits_dtype, q.device)
+    scores = (q @ k.transpose(-1, -2)).to(logits_dtype) * scale
     if bias is not None:
         scores = scores + bias
-    return scores.softmax(dim=-1)
+    return scores.softmax(dim=-1).to(q.dtype)
 
 
 def _reference(q, k, v, log_decay, causal, q_offset, scale):
@@ -186,12 +189,25 @@ def flex_available() -> bool:
 BACKENDS = {"reference": _reference, "sdpa": _sdpa, "flex": _flex}
 
 
-def _auto_rule(device_type: str, has_decay: bool) -> str:
-    return "flex" if device_type == "cuda" and has_decay and flex_available() else "sdpa"
+# CPU training in bf16/fp16: SDPA's CPU kernels are slow there (forward + backward at Fashion-MNIST's 50
+# tokens 33 ms against 6 ms for the reference with float32 logits; 197 tokens 25 vs 8 ms; equal at 1024:
+# benchmarks/README.md), so up to REFERENCE_MAX_LENGTH keys the reference runs. Inference and float32 keep SDPA.
+REFERENCE_MAX_LENGTH = 1024
 
 
-OP = KernelOp("attention", BACKENDS, facts=lambda q, log_decay: (q.device.type, log_decay is not None),
-              rule=_auto_rule)
+def _facts(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None) -> tuple:
+    low_precision_grad = (q.dtype in LOW_PRECISION and torch.is_grad_enabled()
+                          and (q.requires_grad or k.requires_grad))
+    return q.device.type, log_decay is not None, low_precision_grad and k.shape[-2] <= REFERENCE_MAX_LENGTH
+
+
+def _auto_rule(device_type: str, has_decay: bool, short_low_precision_grad: bool) -> str:
+    if device_type == "cuda":
+        return "flex" if has_decay and flex_available() else "sdpa"
+    return "reference" if device_type == "cpu" and short_low_precision_grad else "sdpa"
+
+
+OP = KernelOp("attention", BACKENDS, facts=_facts, rule=_auto_rule)
 
 
 def defocus_attention(
@@ -208,5 +224,5 @@ def defocus_attention(
     if q.dim() != 4 or k.shape != v.shape[:-1] + k.shape[-1:]:
         raise ValueError(f"expected (B, H, L, D) q/k/v, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    name = OP.choose(backend, q, log_decay)
+    name = OP.choose(backend, q, k, log_decay)
     return BACKENDS[name](q, k, v, log_decay, causal, q_offset, scale)

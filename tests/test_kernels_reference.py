@@ -517,6 +517,47 @@ def test_cpu_auto_rules():
     assert choices["selective_scan"] == (scan, BY_RULE)
 
 
+def test_cpu_attention_rule_trains_low_precision_on_the_reference():
+    """CPU: bf16/fp16 under autograd up to REFERENCE_MAX_LENGTH keys -> the reference (SDPA's CPU kernels are
+    slow there); float32, inference and longer inputs -> SDPA."""
+    def q_of(dtype, length=50, grad=True):
+        return torch.zeros(2, 2, length, 4, dtype=dtype, requires_grad=grad)
+
+    decay = -torch.ones(2)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert ATTN.OP.auto(q_of(dtype), q_of(dtype), decay) == "reference"
+        assert ATTN.OP.auto(q_of(dtype), q_of(dtype), None) == "reference"
+        with torch.no_grad():
+            assert ATTN.OP.auto(q_of(dtype), q_of(dtype), decay) == "sdpa"
+        assert ATTN.OP.auto(q_of(dtype, grad=False), q_of(dtype, grad=False), decay) == "sdpa"
+        long = q_of(dtype, ATTN.REFERENCE_MAX_LENGTH + 1)
+        assert ATTN.OP.auto(long, long, decay) == "sdpa"
+    assert ATTN.OP.auto(q_of(torch.float32), q_of(torch.float32), decay) == "sdpa"
+
+
+@pytest.mark.parametrize("log_decay", [None, torch.tensor([-0.3, -0.05])])
+@pytest.mark.parametrize("causal", [True, False])
+def test_low_precision_reference_keeps_logits_in_float32(log_decay, causal):
+    """bf16 inputs: the reference's softmax runs on float32 logits, so it is as close to float64 as SDPA's
+    fused CPU kernel (which accumulates in float32), forward and backward; its output stays bf16."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 17, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    rounded = [t.to(torch.bfloat16).double().requires_grad_() for t in (q, k, v)]
+    exact = defocus_attention(*rounded, log_decay=None if log_decay is None else log_decay.double(),
+                              causal=causal, backend="reference")
+    exact.sum().backward()
+    errors = {}
+    for backend in ("reference", "sdpa"):
+        low = [t.detach().to(torch.bfloat16).requires_grad_() for t in rounded]
+        out = defocus_attention(*low, log_decay=log_decay, causal=causal, backend=backend)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        errors[backend] = max([(out.double() - exact).abs().max().item()]
+                              + [(a.grad.double() - b.grad).abs().max().item() for a, b in zip(low, rounded)])
+    assert errors["reference"] <= 2 * errors["sdpa"] + 1e-3, errors
+    assert errors["reference"] < 0.1, errors
+
+
 def test_choices_are_recorded_only_when_asked(monkeypatch):
     """Outside record_choices() a call writes nothing; inside, each op's latest choice and how it
     was made; a nested block records into its own dict and the outer one resumes after it."""
@@ -579,7 +620,7 @@ def test_env_var_per_op_entry_beats_the_bare_one(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "reference, retention=recurrent")
     q = torch.zeros(1, 2, 3, 4)
     assert RET.OP.choose("auto", q) == "recurrent"
-    assert ATTN.OP.choose("auto", q, None) == "reference"
+    assert ATTN.OP.choose("auto", q, q, None) == "reference"
 
 
 def test_unknown_backend_names_the_available_ones(monkeypatch):

@@ -236,8 +236,8 @@ def test_flex_cpu_refuses_qkv_backward_clearly():
 def test_flex_auto_rule_on_cpu_is_sdpa():
     q = torch.zeros(1, 1, 2, 4)
     assert "flex" in attn_mod.BACKENDS
-    assert attn_mod.OP.auto(q, -torch.ones(1)) == "sdpa"
-    assert attn_mod.OP.auto(q, None) == "sdpa"
+    assert attn_mod.OP.auto(q, q, -torch.ones(1)) == "sdpa"
+    assert attn_mod.OP.auto(q, q, None) == "sdpa"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (FlexAttention compiled kernels)")
