@@ -66,15 +66,6 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(dtype)
 
 
-def group_rms_norm(y: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """RMS norm without weight over consecutive channel groups of y (B, E, L), in float32."""
-    dtype = y.dtype
-    y32 = y.float() if dtype in (torch.float16, torch.bfloat16) else y
-    g = y32.unflatten(1, (-1, group_size))
-    g = g * torch.rsqrt(g.pow(2).mean(2, keepdim=True) + eps)
-    return g.flatten(1, 2).to(dtype)
-
-
 def retnet_decay_init(num_heads: int) -> torch.Tensor:
     """RetNet's per-head log-decay log(1 - 2^(-5-h)): head h looks about 2^(5+h) tokens back."""
     return torch.log(1 - 2.0 ** (-5 - torch.arange(num_heads, dtype=torch.float64))).float()
@@ -115,6 +106,6 @@ def pos_embed_for_grid(pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, 
 
 
 __all__ = [
-    "Mlp", "PatchEmbed", "RMSNorm", "drop_path", "drop_path_rates", "group_rms_norm", "init_linear",
+    "Mlp", "PatchEmbed", "RMSNorm", "drop_path", "drop_path_rates", "init_linear",
     "inverse_softplus", "pos_embed_for_grid", "retnet_decay_init", "rope_inv_freq",
 ]

@@ -10,13 +10,13 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
+from defocus_vlm.kernels import causal_conv1d, defocus_attention, gated_group_rms_norm, retention, selective_scan
 from defocus_vlm.kernels.attention import attention_probabilities
 from defocus_vlm.kernels.rope import apply_rope, rope_angles
 
 from .band_pass import BandPassFilter
 from .config import EncoderConfig
-from .layers import group_rms_norm, inverse_softplus
+from .layers import inverse_softplus
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -191,8 +191,7 @@ class DefocusMambaMixer(nn.Module):
         if cache is not None:
             cache["conv"], cache["ssm"] = conv_state, ssm_state
         if not gated_in_scan:
-            y = group_rms_norm(y, self.group_norm_size) + self.D[:, None].to(y.dtype) * u
-            y = (_upcast(y) * F.silu(_upcast(z.transpose(1, 2)))).to(y.dtype)
+            y = gated_group_rms_norm(y, u, z.transpose(1, 2), self.D, self.group_norm_size)
         return self.out_proj(y.transpose(1, 2))
 
 

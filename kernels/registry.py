@@ -45,8 +45,8 @@ def backend_importable(backend: str) -> bool:
 def usable(op: str, backend: str, device: torch.device) -> bool:
     """Whether ``backend`` of ``op`` can run on ``device`` here (aliases of the reference excluded:
     they would only time it twice)."""
-    if backend == "fused":  # the C++ CPU scan, when it builds here
-        from .selective_scan_cpu import fused_available
+    if backend == "fused":  # the C++ CPU ops, when they build here
+        from .cpu_extension import fused_available
 
         return device.type == "cpu" and fused_available()
     if backend in BACKEND_MODULES:

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .cpu_extension import device_facts, fused_rule
 from .dispatch import KernelOp
 
 
@@ -166,31 +167,17 @@ def _auto_rule(device_type: str, tracing: bool) -> str:
     # builds (benchmarks/cpu_fused_scan.json); else the token-by-token recurrence, the fastest
     # PyTorch form forward and backward (1.3-3x the chunked scan forward, 3-13x forward+backward
     # at 197-4096 tokens; benchmarks/cpu_selective_scan.json).
-    # torch.export / torch.compile trace with fake tensors, which the JIT-built op has no shape rule
-    # for: traced code takes the recurrence, which they can follow.
-    if tracing:
-        return "reference"
-    from .selective_scan_cpu import fused_available
-
-    return "fused" if fused_available() else "reference"
+    # Traced code (torch.export / torch.compile) takes the recurrence: see cpu_extension.is_tracing.
+    return "fused" if fused_rule(device_type, tracing) else "reference"
 
 
-def _is_tracing() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.x exposes it; older: never
-    return torch.compiler.is_compiling() or bool(is_exporting and is_exporting())
-
-
-def _device_facts(device: torch.device | str) -> tuple[str, bool]:
-    return torch.device(device).type, _is_tracing()
-
-
-OP = KernelOp("selective_scan", BACKENDS, facts=lambda u: _device_facts(u.device), rule=_auto_rule)
+OP = KernelOp("selective_scan", BACKENDS, facts=lambda u: device_facts(u.device), rule=_auto_rule)
 
 
 def auto_backend(device: torch.device | str) -> str:
     """The backend ``backend="auto"`` picks for tensors on ``device`` (without the
     ``DEFOCUS_KERNELS`` override). On CPU this builds the fused op the first time it is asked."""
-    return OP.rule(*_device_facts(device))
+    return OP.rule(*device_facts(device))
 
 
 def selective_scan(

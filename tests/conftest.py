@@ -80,7 +80,7 @@ def fused_scan_built() -> None:
     """The fused CPU selective scan (a C++ op built just in time, once per machine: the build is
     cached under TORCH_EXTENSIONS_DIR). Tests that need it skip, saying why, where it cannot be
     built (no compiler or ninja)."""
-    from defocus_vlm.kernels.selective_scan_cpu import load_error
+    from defocus_vlm.kernels.cpu_extension import load_error
 
     error = load_error()
     if error is not None:

@@ -25,7 +25,7 @@ def test_kernels_reports_backends_and_env_override(capsys, monkeypatch):
     assert scan in ("fused", "reference")
     assert info["ops"]["selective_scan"]["backend"] == scan  # inference and training alike
     assert info["ops_training"]["selective_scan"]["backend"] == scan
-    assert info["fused_cpu_scan"]["built"] == (scan == "fused")
+    assert info["fused_cpu_ops"]["built"] == (scan == "fused")
     assert info["ops"]["retention"]["backend"] == "parallel"
     monkeypatch.setenv("DEFOCUS_KERNELS", "selective_scan=chunked")
     assert main(["kernels", "--device", "cpu", "--json"]) == 0

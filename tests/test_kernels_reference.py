@@ -14,6 +14,7 @@ from defocus_vlm.kernels import (
     apply_rope,
     causal_conv1d,
     defocus_attention,
+    gated_group_rms_norm,
     retention,
     rope_angles,
     selective_scan,
@@ -29,6 +30,7 @@ ATTN = importlib.import_module("defocus_vlm.kernels.attention")
 RET = importlib.import_module("defocus_vlm.kernels.retention")
 SCAN = importlib.import_module("defocus_vlm.kernels.selective_scan")
 CONV = importlib.import_module("defocus_vlm.kernels.causal_conv1d")
+GATE = importlib.import_module("defocus_vlm.kernels.gated_norm")
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:
@@ -351,7 +353,7 @@ def conv_by_loops(x, weight, bias, state=None, activation=None):
         for j in range(width):
             y[..., t] += weight[:, j] * past[..., t + j]
     y = y + bias[:, None]
-    return (F.silu(y) if activation == "silu" else y), past[..., -(width - 1):]
+    return (F.silu(y) if activation == "silu" else y), past[..., past.shape[-1] - (width - 1):]  # (not -(K-1): empty at K = 1)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -470,25 +472,31 @@ def _call_all():
     s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
     selective_scan(**s)
     causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 4))
+    gated_group_rms_norm(torch.randn(1, 4, 5), torch.randn(1, 4, 5), torch.randn(1, 4, 5), torch.randn(4), 2)
 
 
 @pytest.mark.parametrize(
     "env, expected",
     [
-        (None, dict(attention="sdpa", retention="parallel", selective_scan="auto", causal_conv1d="torch")),
+        (None, dict(attention="sdpa", retention="parallel", selective_scan="auto", causal_conv1d="auto",
+                    gated_norm="auto")),
         ("reference", dict(attention="reference", retention="reference", selective_scan="reference",
-                           causal_conv1d="reference")),
+                           causal_conv1d="reference", gated_norm="reference")),
         ("selective_scan=reference, retention=recurrent",
-         dict(attention="sdpa", retention="recurrent", selective_scan="reference", causal_conv1d="torch")),
+         dict(attention="sdpa", retention="recurrent", selective_scan="reference", causal_conv1d="auto",
+              gated_norm="auto")),
     ],
 )
 def test_env_var_selects_backend(monkeypatch, env, expected):
     if env is not None:
         monkeypatch.setenv(ENV_VAR, env)
-    if expected["selective_scan"] == "auto":  # the fused C++ scan where it builds, else the recurrence
-        expected = {**expected, "selective_scan": SCAN.auto_backend("cpu")}
+    # the fused C++ ops where they build, else the recurrence / the PyTorch references
+    fused = SCAN.auto_backend("cpu") == "fused"
+    auto = dict(selective_scan="fused" if fused else "reference", causal_conv1d="fused" if fused else "torch",
+                gated_norm="fused" if fused else "reference")
+    expected = {op: auto[op] if name == "auto" else name for op, name in expected.items()}
     calls = {op: [] for op in expected}
-    modules = dict(attention=ATTN, retention=RET, selective_scan=SCAN, causal_conv1d=CONV)
+    modules = dict(attention=ATTN, retention=RET, selective_scan=SCAN, causal_conv1d=CONV, gated_norm=GATE)
     for op, module in modules.items():
         _spy(monkeypatch, module, calls[op])
     _call_all()
@@ -498,7 +506,7 @@ def test_env_var_selects_backend(monkeypatch, env, expected):
 def test_cpu_auto_rules():
     """CPU: the fused C++ scan (the recurrence where it cannot be built), with or without autograd;
     the parallel retention for inputs of one chunk with a small score tensor, chunkwise otherwise."""
-    from defocus_vlm.kernels.selective_scan_cpu import fused_available
+    from defocus_vlm.kernels.cpu_extension import fused_available
 
     scan = "fused" if fused_available() else "reference"
     s = scan_inputs(batch=1, dim=2, n=2, length=5, dtype=torch.float32)
@@ -573,7 +581,8 @@ def test_choices_are_recorded_only_when_asked(monkeypatch):
         assert outer == {"attention": ("reference", BY_ARGUMENT)}
         causal_conv1d(torch.randn(1, 2, 5), torch.randn(2, 4))
     defocus_attention(q, q, q, backend="reference")
-    assert outer == {"attention": ("reference", BY_ARGUMENT), "causal_conv1d": ("torch", BY_RULE)}
+    conv = "fused" if SCAN.auto_backend("cpu") == "fused" else "torch"  # the C++ ops where they build
+    assert outer == {"attention": ("reference", BY_ARGUMENT), "causal_conv1d": (conv, BY_RULE)}
 
 
 def test_the_automatic_rule_runs_once_per_kind_of_input():

@@ -16,6 +16,7 @@ from test_kernels_reference import F64, assert_same, leaf, scan_fn, scan_inputs,
 
 SCAN = importlib.import_module("defocus_vlm.kernels.selective_scan")
 FUSED = importlib.import_module("defocus_vlm.kernels.selective_scan_cpu")
+EXT = importlib.import_module("defocus_vlm.kernels.cpu_extension")
 
 pytestmark = pytest.mark.usefixtures("fused_scan_built")
 
@@ -161,9 +162,9 @@ def test_fused_same_bits_for_any_thread_count(shape, dtype):
 def test_portable_build_matches_reference_float64(extras):
     """The generic-vector build (what CPUs without AVX-512 run: no scalef / roundscale, 2^k from
     exponent bits) is a separate extension; it builds once and must agree too."""
-    if FUSED.load_error(portable=True) is not None:
-        pytest.skip(f"the portable build failed: {FUSED.load_error(portable=True)}")
-    assert FUSED.ops(portable=True).variant() == "portable"
+    if EXT.load_error(portable=True) is not None:
+        pytest.skip(f"the portable build failed: {EXT.load_error(portable=True)}")
+    assert EXT.ops(portable=True).variant() == "portable"
     inputs = scan_inputs(batch=2, dim=20, n=10, length=37, **options(extras))
     assert_same(fused_fn(portable=True), scan_fn("reference"), inputs)
     # and float32, down to the subnormal / overflow edges of 2^k
@@ -195,22 +196,22 @@ def test_fallback_to_the_recurrence_when_the_build_fails(monkeypatch, caplog):
     def broken(portable: bool = False) -> None:
         raise RuntimeError("Error building extension: no C++ compiler found")
 
-    monkeypatch.setattr(FUSED, "_load", broken)
-    FUSED.load_error.cache_clear()
+    monkeypatch.setattr(EXT, "_load", broken)
+    EXT.load_error.cache_clear()
     SCAN.OP.rule.cache_clear()  # the automatic choice was cached while the build worked
     try:
-        with caplog.at_level(logging.WARNING, logger=FUSED.__name__):
+        with caplog.at_level(logging.WARNING, logger=EXT.__name__):
             assert SCAN.auto_backend("cpu") == "reference"
             assert SCAN.auto_backend("cpu") == "reference"
             inputs = scan_inputs(batch=2, dim=3, n=4, length=7, D=True, z=True, state=True)
             y = selective_scan(**inputs)
-        warnings = [r for r in caplog.records if r.name == FUSED.__name__ and r.levelno == logging.WARNING]
+        warnings = [r for r in caplog.records if r.name == EXT.__name__ and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
         torch.testing.assert_close(y, selective_scan(**inputs, backend="reference"), rtol=0, atol=0)
         with pytest.raises(RuntimeError, match="unavailable here.*no C\\+\\+ compiler"):
             selective_scan(**inputs, backend="fused")
     finally:
-        FUSED.load_error.cache_clear()  # the real loader again (the ops are already registered)
+        EXT.load_error.cache_clear()  # the real loader again (the ops are already registered)
         SCAN.OP.rule.cache_clear()
 
 
@@ -219,9 +220,9 @@ def test_extension_is_cached_per_cpu_capability_and_respects_torch_extensions_di
     instructions this CPU lacks); the cache location is torch's: TORCH_EXTENSIONS_DIR when set."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    opts = FUSED.build_options()
+    opts = EXT.build_options()
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    assert opts["name"].endswith(capability) and FUSED.build_options(portable=True)["name"].endswith("_portable")
-    assert opts["sources"] == [str(FUSED.SOURCE)] and FUSED.SOURCE.exists()
+    assert opts["name"].endswith(capability) and EXT.build_options(portable=True)["name"].endswith("_portable")
+    assert opts["sources"] == [str(p) for p in EXT.SOURCES] and all(p.exists() for p in EXT.SOURCES)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert _get_build_directory(opts["name"], verbose=False).startswith(str(tmp_path))

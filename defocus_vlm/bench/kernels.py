@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import torch
 
-from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
+from defocus_vlm.kernels import causal_conv1d, defocus_attention, gated_group_rms_norm, retention, selective_scan
 from defocus_vlm.kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from defocus_vlm.kernels.causal_conv1d import BACKENDS as CONV_BACKENDS
+from defocus_vlm.kernels.gated_norm import BACKENDS as GATE_BACKENDS
 from defocus_vlm.kernels.registry import importable, usable
 from defocus_vlm.kernels.retention import BACKENDS as RETENTION_BACKENDS
 from defocus_vlm.kernels.selective_scan import BACKENDS as SCAN_BACKENDS
@@ -24,6 +25,8 @@ from .timing import time_interleaved, triad_bandwidth
 
 WIDTHS = {"small": 384, "base": 768}  # model width; heads of 64, d_inner = 2 * width, d_state 16
 SCAN_STATE = 16
+GATE_GROUP = 64  # De-focus Mamba's group RMS norm size
+OPS = ("attention", "retention", "selective_scan", "causal_conv1d", "gated_norm")
 
 
 def scan_floor_bytes(batch: int, dim: int, length: int, nstate: int, itemsize: int, backward: bool) -> int:
@@ -52,6 +55,8 @@ def op_inputs(op: str, width: int, length: int, device: torch.device, dtype: tor
         delta = (torch.rand(batch, inner, length, generator=g) * 0.1).to(device, dtype).requires_grad_(grad)
         a = (-torch.arange(1, SCAN_STATE + 1, dtype=torch.float32).repeat(inner, 1)).to(device).requires_grad_(grad)
         return u, delta, a, r(batch, SCAN_STATE, length), r(batch, SCAN_STATE, length)
+    if op == "gated_norm":  # y (the scan's output), u, z, D
+        return r(batch, inner, length), r(batch, inner, length), r(batch, inner, length), r(inner)
     return r(batch, inner, length), r(inner, 4), r(inner)
 
 
@@ -81,6 +86,9 @@ def op_calls(op: str, args, device: torch.device) -> dict[str, Callable[[], torc
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
             calls["baseline:mamba_ssm"] = lambda: selective_scan_fn(*args)
+    elif op == "gated_norm":
+        for name in GATE_BACKENDS:
+            calls[name] = lambda n=name: gated_group_rms_norm(*args, GATE_GROUP, backend=n)
     else:
         x, w, b = args
         for name in CONV_BACKENDS:
@@ -112,7 +120,7 @@ def run_kernel_benchmarks(device: str = "cpu", ops: list[str] | None = None, len
     dt = getattr(torch, dtype)
     if max_sequential_length is None:
         max_sequential_length = 1024 if dev.type == "cpu" else 1 << 30
-    ops = ops or ["attention", "retention", "selective_scan", "causal_conv1d"]
+    ops = ops or list(OPS)
     if shapes is None:
         shapes = [(1, WIDTHS[w], length) for w in widths or list(WIDTHS) for length in lengths or [197, 1024, 4096]]
     names = {v: k for k, v in WIDTHS.items()}

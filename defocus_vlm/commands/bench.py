@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
     k = sub.add_parser("kernels", help="time each kernel backend")
     add_device(k)
-    k.add_argument("--ops", nargs="+", default=None,
-                   choices=["attention", "retention", "selective_scan", "causal_conv1d"])
+    k.add_argument("--ops", nargs="+", default=None,  # the names of bench.kernels.OPS (importing it loads torch)
+                   choices=["attention", "retention", "selective_scan", "causal_conv1d", "gated_norm"])
     k.add_argument("--lengths", nargs="+", type=int, default=[197, 1024, 4096])
     k.add_argument("--widths", nargs="+", default=["small", "base"], choices=["small", "base"])
     k.add_argument("--repeats", type=int, default=3)

@@ -21,7 +21,7 @@ def probe(device: str, dtype: str) -> dict:
     inference vs training), and report the backend the dispatcher picked each time."""
     import torch
 
-    from defocus_vlm.kernels import causal_conv1d, defocus_attention, retention, selective_scan
+    from defocus_vlm.kernels import causal_conv1d, defocus_attention, gated_group_rms_norm, retention, selective_scan
     from defocus_vlm.kernels.dispatch import record_choices
     from defocus_vlm.kernels.registry import backend_importable
 
@@ -37,18 +37,19 @@ def probe(device: str, dtype: str) -> dict:
             u = r(1, 4, 8).requires_grad_(grad)
             selective_scan(u, r(1, 4, 8).abs(), -torch.rand(4, 2, device=device), r(1, 2, 8), r(1, 2, 8))
             causal_conv1d(u, r(4, 4))
+            gated_group_rms_norm(u, r(1, 4, 8), r(1, 4, 8), r(4), 2)
         return {op: {"backend": b, "chosen_by": how} for op, (b, how) in choices.items()}
 
     packages = {package: backend_importable(backend) for package, backend in {
         "mamba-ssm": "mamba_ssm", "causal-conv1d": "causal_conv1d", "fla-core": "fla", "triton": "triton",
         "flex_attention": "flex"}.items()}
-    from defocus_vlm.kernels.selective_scan_cpu import load_error
+    from defocus_vlm.kernels.cpu_extension import load_error
 
     ops, training = call_all(False), call_all(True)
     error = load_error() if device == "cpu" else None
     fused = {"built": error is None, "error": error} if device == "cpu" else None
     return {"device": device, "dtype": dtype, "ops": ops, "ops_training": training, "packages": packages,
-            "fused_cpu_scan": fused,
+            "fused_cpu_ops": fused,
             "note": "GPU backends (flex, fla, triton, mamba_ssm, causal_conv1d) are chosen only on CUDA"}
 
 
@@ -67,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
         for op, choice in info[key].items():
             print(f"  {op:<15} -> {choice['backend']:<10} ({choice['chosen_by']})")
     print("optional packages: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["packages"].items()))
-    if info["fused_cpu_scan"] is not None:
-        fused = info["fused_cpu_scan"]
-        print("fused CPU selective scan (C++, built just in time): "
+    if info["fused_cpu_ops"] is not None:
+        fused = info["fused_cpu_ops"]
+        print("fused CPU ops (C++, built just in time: scan, conv, gate): "
               + ("built" if fused["built"] else f"unavailable ({fused['error']})"))
     print(info["note"])
     return 0

@@ -30,10 +30,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__) && !defined(DEFOCUS_SCAN_GENERIC)
-#include <immintrin.h>
-#define DEFOCUS_SCAN_AVX512 1
-#endif
+#include "simd.h"
 
 #include <algorithm>
 #include <cstddef>
@@ -45,28 +42,13 @@
 #include <type_traits>
 #include <vector>
 
-#ifndef DEFOCUS_SCAN_NAMESPACE
-#define DEFOCUS_SCAN_NAMESPACE defocus_scan_cpu
+#ifndef DEFOCUS_CPU_NAMESPACE
+#define DEFOCUS_CPU_NAMESPACE defocus_cpu
 #endif
 
 namespace {
 
-// SIMD through GCC/Clang vector extensions: one 64-byte vector (16 float32 / 8 float64 lanes) is
-// one AVX-512 register, two AVX2 registers, four SSE / NEON registers; the compiler lowers it.
-template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 16;
-};
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 8;
-};
+using namespace defocus_simd;
 
 // Vectors per block: four (64 float32 / 32 float64 channels). Against two: a third less time
 // forward and backward (fewer per-block overheads and lane reductions per channel, more
@@ -74,23 +56,6 @@ struct Simd<double> {
 constexpr int64_t K = 4;
 template <typename T>
 constexpr int64_t W = K * Simd<T>::lanes;
-
-template <typename T>
-inline typename Simd<T>::V ld(const T* p) {
-  typename Simd<T>::V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <typename T>
-inline void st(T* p, typename Simd<T>::V v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-template <typename T>
-inline typename Simd<T>::V splat(T x) {
-  return typename Simd<T>::V{} + x;
-}
 
 // Two-source lane permutation: out[c] = m[c] < lanes ? a[m[c]] : b[m[c] - lanes].
 template <typename T>
@@ -153,85 +118,6 @@ inline typename Simd<T>::V reduce_rows(typename Simd<T>::V* p, const Masks<T>& m
     for (int64_t i = 0; i < h; ++i) p[i] = shuffle2<T>(p[i], p[i + h], m.lo[s]) + shuffle2<T>(p[i], p[i + h], m.hi[s]);
   }
   return p[0];
-}
-
-constexpr double kLog2e = 1.4426950408889634074;
-
-// 2^f on |f| <= 1/2: polynomials interpolating at Chebyshev nodes (near-minimax; truncation error
-// 2.5e-9 in float32, 4e-18 in float64, below half an ulp), highest power first.
-constexpr float kExp2Float[] = {1.5461444698569129083e-4f, 1.340042817761583794e-3f, 9.6180566785246380754e-3f,
-                                5.5503272266703020589e-2f, 2.4022650922288758071e-1f, 6.9314720670283259577e-1f,
-                                1.0f};
-constexpr double kExp2Double[] = {4.455817908336064493e-10, 7.0741942972885210056e-9, 1.0178057087733941105e-7,
-                                  1.3215432535912376166e-6, 1.5252733841556772589e-5, 1.5403530463724354209e-4,
-                                  1.3333558146406470697e-3, 9.6181291075872566681e-3, 5.5504108664821627039e-2,
-                                  2.4022650695910159567e-1, 6.9314718055994530925e-1, 1.0};
-
-template <typename V, typename E, size_t M>
-inline V horner(V f, const E (&c)[M]) {
-  V p = splat(c[0]);
-  for (size_t i = 1; i < M; ++i) p = p * f + c[i];
-  return p;
-}
-
-inline Simd<float>::V exp2_poly(Simd<float>::V f) { return horner(f, kExp2Float); }
-inline Simd<double>::V exp2_poly(Simd<double>::V f) { return horner(f, kExp2Double); }
-
-// 2^x = 2^k 2^f with k = round(x), f = x - k. NaN stays NaN.
-#ifdef DEFOCUS_SCAN_AVX512
-// vscalef applies 2^k with correct overflow to inf and gradual underflow; the clamp keeps k finite
-// (max / min return their second operand, x, when it is NaN).
-inline Simd<float>::V vexp2(Simd<float>::V xv) {
-  __m512 x = _mm512_min_ps(_mm512_set1_ps(1000.0f), _mm512_max_ps(_mm512_set1_ps(-1000.0f), (__m512)xv));
-  const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 p = (__m512)exp2_poly((Simd<float>::V)_mm512_sub_ps(x, k));
-  return (Simd<float>::V)_mm512_scalef_ps(p, k);
-}
-
-inline Simd<double>::V vexp2(Simd<double>::V xv) {
-  __m512d x = _mm512_min_pd(_mm512_set1_pd(5000.0), _mm512_max_pd(_mm512_set1_pd(-5000.0), (__m512d)xv));
-  const __m512d k = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512d p = (__m512d)exp2_poly((Simd<double>::V)_mm512_sub_pd(x, k));
-  return (Simd<double>::V)_mm512_scalef_pd(p, k);
-}
-#else
-// Portable: k by the 1.5 * 2^mantissa rounding trick (k then sits in the low bits of x + magic);
-// 2^k applied as two factors 2^(k/2) so that results down to the subnormals and up to overflow
-// come out right. x is clamped where 2^x has already underflowed / overflowed.
-template <typename T>
-struct Bits;  // IEEE layout: exponent bias, mantissa bits, 2^x underflows / overflows beyond lo / hi
-template <>
-struct Bits<float> {
-  static constexpr int bias = 127, mantissa = 23;
-  static constexpr float lo = -151.0f, hi = 129.0f;
-};
-template <>
-struct Bits<double> {
-  static constexpr int bias = 1023, mantissa = 52;
-  static constexpr double lo = -1076.0, hi = 1025.0;
-};
-
-template <typename V>
-inline V vexp2(V x) {
-  using E = std::decay_t<decltype(x[0])>;
-  using I = typename Simd<E>::I;
-  using Bt = Bits<E>;
-  x = x < splat(Bt::lo) ? splat(Bt::lo) : x;
-  x = x > splat(Bt::hi) ? splat(Bt::hi) : x;
-  const V magic = splat(E(1.5) * E(int64_t{1} << Bt::mantissa));
-  const V t = x + magic;
-  const V kf = t - magic;
-  const V p = exp2_poly(x - kf);
-  const I k = (I)t - (I)magic;
-  const I k1 = k >> 1, k2 = k - k1;
-  return p * (V)((k1 + Bt::bias) << Bt::mantissa) * (V)((k2 + Bt::bias) << Bt::mantissa);
-}
-#endif
-
-template <typename V>
-inline V vsigmoid(V x) {
-  using E = std::decay_t<decltype(x[0])>;
-  return 1 / (1 + vexp2(x * E(-kLog2e)));
 }
 
 // A strided (B, R, L) view: element (b, r, t).
@@ -808,7 +694,7 @@ Grads scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
 
 // Which exp / 2^k code this build uses (the tests compare the portable build with the default one).
 std::string variant() {
-#ifdef DEFOCUS_SCAN_AVX512
+#ifdef DEFOCUS_CPU_AVX512
   return "avx512";
 #else
   return "portable";
@@ -817,16 +703,16 @@ std::string variant() {
 
 }  // namespace
 
-TORCH_LIBRARY(DEFOCUS_SCAN_NAMESPACE, m) {
-  m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? h0, int tile, "
+TORCH_LIBRARY(DEFOCUS_CPU_NAMESPACE, m) {
+  m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? h0, int tile, "
         "bool save) -> (Tensor, Tensor, Tensor)");
-  m.def("bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? h0, "
+  m.def("scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? h0, "
         "Tensor ckpt, Tensor dy, Tensor? dlast, int tile) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
         "Tensor, Tensor)");
   m.def("variant", &variant);
 }
 
-TORCH_LIBRARY_IMPL(DEFOCUS_SCAN_NAMESPACE, CPU, m) {
-  m.impl("fwd", &scan_fwd);
-  m.impl("bwd", &scan_bwd);
+TORCH_LIBRARY_IMPL(DEFOCUS_CPU_NAMESPACE, CPU, m) {
+  m.impl("scan_fwd", &scan_fwd);
+  m.impl("scan_bwd", &scan_bwd);
 }

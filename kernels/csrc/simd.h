@@ -1,0 +1,130 @@
+// SIMD helpers shared by the fused CPU ops (selective_scan_cpu.cpp, mamba_cpu.cpp): a 64-byte vector
+// type per float type, loads / stores / broadcasts, and a vectorised 2^x, exp and sigmoid.
+#pragma once
+
+#if defined(__AVX512F__) && !defined(DEFOCUS_CPU_GENERIC)
+#include <immintrin.h>
+#define DEFOCUS_CPU_AVX512 1
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace defocus_simd {
+
+// SIMD through GCC/Clang vector extensions: one 64-byte vector (16 float32 / 8 float64 lanes) is
+// one AVX-512 register, two AVX2 registers, four SSE / NEON registers; the compiler lowers it.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 16;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 8;
+};
+
+template <typename T>
+inline typename Simd<T>::V ld(const T* p) {
+  typename Simd<T>::V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+inline void st(T* p, typename Simd<T>::V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <typename T>
+inline typename Simd<T>::V splat(T x) {
+  return typename Simd<T>::V{} + x;
+}
+
+constexpr double kLog2e = 1.4426950408889634074;
+
+// 2^f on |f| <= 1/2: polynomials interpolating at Chebyshev nodes (near-minimax; truncation error
+// 2.5e-9 in float32, 4e-18 in float64, below half an ulp), highest power first.
+constexpr float kExp2Float[] = {1.5461444698569129083e-4f, 1.340042817761583794e-3f, 9.6180566785246380754e-3f,
+                                5.5503272266703020589e-2f, 2.4022650922288758071e-1f, 6.9314720670283259577e-1f,
+                                1.0f};
+constexpr double kExp2Double[] = {4.455817908336064493e-10, 7.0741942972885210056e-9, 1.0178057087733941105e-7,
+                                  1.3215432535912376166e-6, 1.5252733841556772589e-5, 1.5403530463724354209e-4,
+                                  1.3333558146406470697e-3, 9.6181291075872566681e-3, 5.5504108664821627039e-2,
+                                  2.4022650695910159567e-1, 6.9314718055994530925e-1, 1.0};
+
+template <typename V, typename E, size_t M>
+inline V horner(V f, const E (&c)[M]) {
+  V p = splat(c[0]);
+  for (size_t i = 1; i < M; ++i) p = p * f + c[i];
+  return p;
+}
+
+inline Simd<float>::V exp2_poly(Simd<float>::V f) { return horner(f, kExp2Float); }
+inline Simd<double>::V exp2_poly(Simd<double>::V f) { return horner(f, kExp2Double); }
+
+// 2^x = 2^k 2^f with k = round(x), f = x - k. NaN stays NaN.
+#ifdef DEFOCUS_CPU_AVX512
+// vscalef applies 2^k with correct overflow to inf and gradual underflow; the clamp keeps k finite
+// (max / min return their second operand, x, when it is NaN).
+inline Simd<float>::V vexp2(Simd<float>::V xv) {
+  __m512 x = _mm512_min_ps(_mm512_set1_ps(1000.0f), _mm512_max_ps(_mm512_set1_ps(-1000.0f), (__m512)xv));
+  const __m512 k = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 p = (__m512)exp2_poly((Simd<float>::V)_mm512_sub_ps(x, k));
+  return (Simd<float>::V)_mm512_scalef_ps(p, k);
+}
+
+inline Simd<double>::V vexp2(Simd<double>::V xv) {
+  __m512d x = _mm512_min_pd(_mm512_set1_pd(5000.0), _mm512_max_pd(_mm512_set1_pd(-5000.0), (__m512d)xv));
+  const __m512d k = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512d p = (__m512d)exp2_poly((Simd<double>::V)_mm512_sub_pd(x, k));
+  return (Simd<double>::V)_mm512_scalef_pd(p, k);
+}
+#else
+// Portable: k by the 1.5 * 2^mantissa rounding trick (k then sits in the low bits of x + magic);
+// 2^k applied as two factors 2^(k/2) so that results down to the subnormals and up to overflow
+// come out right. x is clamped where 2^x has already underflowed / overflowed.
+template <typename T>
+struct Bits;  // IEEE layout: exponent bias, mantissa bits, 2^x underflows / overflows beyond lo / hi
+template <>
+struct Bits<float> {
+  static constexpr int bias = 127, mantissa = 23;
+  static constexpr float lo = -151.0f, hi = 129.0f;
+};
+template <>
+struct Bits<double> {
+  static constexpr int bias = 1023, mantissa = 52;
+  static constexpr double lo = -1076.0, hi = 1025.0;
+};
+
+template <typename V>
+inline V vexp2(V x) {
+  using E = std::decay_t<decltype(x[0])>;
+  using I = typename Simd<E>::I;
+  using Bt = Bits<E>;
+  x = x < splat(Bt::lo) ? splat(Bt::lo) : x;
+  x = x > splat(Bt::hi) ? splat(Bt::hi) : x;
+  const V magic = splat(E(1.5) * E(int64_t{1} << Bt::mantissa));
+  const V t = x + magic;
+  const V kf = t - magic;
+  const V p = exp2_poly(x - kf);
+  const I k = (I)t - (I)magic;
+  const I k1 = k >> 1, k2 = k - k1;
+  return p * (V)((k1 + Bt::bias) << Bt::mantissa) * (V)((k2 + Bt::bias) << Bt::mantissa);
+}
+#endif
+
+template <typename V>
+inline V vsigmoid(V x) {
+  using E = std::decay_t<decltype(x[0])>;
+  return 1 / (1 + vexp2(x * E(-kLog2e)));
+}
+
+}  // namespace defocus_simd
