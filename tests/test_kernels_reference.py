@@ -353,7 +353,8 @@ def conv_by_loops(x, weight, bias, state=None, activation=None):
         for j in range(width):
             y[..., t] += weight[:, j] * past[..., t + j]
     y = y + bias[:, None]
-    return (F.silu(y) if activation == "silu" else y), past[..., past.shape[-1] - (width - 1):]  # (not -(K-1): empty at K = 1)
+    # past.shape[-1] - (K - 1), not -(K - 1): at K = 1 the state is empty, not everything
+    return (F.silu(y) if activation == "silu" else y), past[..., past.shape[-1] - (width - 1):]
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

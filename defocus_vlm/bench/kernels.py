@@ -55,9 +55,12 @@ def op_inputs(op: str, width: int, length: int, device: torch.device, dtype: tor
         delta = (torch.rand(batch, inner, length, generator=g) * 0.1).to(device, dtype).requires_grad_(grad)
         a = (-torch.arange(1, SCAN_STATE + 1, dtype=torch.float32).repeat(inner, 1)).to(device).requires_grad_(grad)
         return u, delta, a, r(batch, SCAN_STATE, length), r(batch, SCAN_STATE, length)
-    if op == "gated_norm":  # y (the scan's output), u, z, D
-        return r(batch, inner, length), r(batch, inner, length), r(batch, inner, length), r(inner)
-    return r(batch, inner, length), r(inner, 4), r(inner)
+    # the mixer's layouts: u, z are channel-last views of in_proj's output, y is the scan's (B, D, L)
+    last = lambda: torch.randn(batch, length, inner, generator=g).to(device, dtype).transpose(1, 2).requires_grad_(
+        grad)  # noqa: E731
+    if op == "gated_norm":  # y, u, z, D
+        return r(batch, inner, length), last(), last(), r(inner)
+    return last(), r(inner, 4), r(inner)
 
 
 def op_calls(op: str, args, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:

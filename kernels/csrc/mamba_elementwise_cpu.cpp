@@ -7,10 +7,11 @@
 // (the depthwise convolution's backward alone is ~20 ms at (128, 256, 50)); here each is one pass
 // over the data forward and one backward.
 //
-// Layout: (B, D, L) tensors with any strides are read one (b, t) row of channels at a time into
-// compute-type buffers (float64 for float64 inputs, float32 otherwise), so the mixer's
-// channel-last views cost nothing; outputs are written channel-last ((B, L, D) storage, which the
-// Python side returns as (B, D, L) views) in the input dtype, rounded once. Work items are batch
+// Layout: (B, D, L) tensors with any strides are read as rows of channels (one per time step) into
+// compute-type buffers (float64 for float64 inputs, float32 otherwise): channel-last views (the
+// mixer's u and z) row by row, channel-strided ones (the scan's y) along time, a tile at a time.
+// Outputs are written channel-last ((B, L, D) storage, which the Python side returns as (B, D, L)
+// views) in the input dtype, rounded once. Work items are batch
 // rows on torch's OpenMP threads; sums across rows (weight, bias and D gradients) are added in a
 // fixed order afterwards, so results do not depend on the thread count.
 
@@ -22,6 +23,7 @@
 
 #include "simd.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -46,16 +48,23 @@ struct Rows {
   int64_t sb = 0, sd = 0, st = 0;
   Rows() = default;
   explicit Rows(const at::Tensor& x) : p(x.data_ptr<T>()), sb(x.stride(0)), sd(x.stride(1)), st(x.stride(2)) {}
+  // rows t0 .. t0 + rows of batch b (n channels each) into out, rows dp apart. Channel-strided
+  // tensors (e.g. (B, D, L) contiguous) are read along time, the contiguous direction.
   template <typename C>
-  void load(int64_t b, int64_t t, int64_t n, C* out) const {
-    const T* r = p + b * sb + t * st;
+  void load(int64_t b, int64_t t0, int64_t rows, int64_t n, int64_t dp, C* out) const {
+    const T* r = p + b * sb + t0 * st;
     if (sd == 1) {
-      for (int64_t d = 0; d < n; ++d) out[d] = static_cast<C>(r[d]);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t d = 0; d < n; ++d) out[i * dp + d] = static_cast<C>(r[i * st + d]);
     } else {
-      for (int64_t d = 0; d < n; ++d) out[d] = static_cast<C>(r[d * sd]);
+      for (int64_t d = 0; d < n; ++d)
+        for (int64_t i = 0; i < rows; ++i) out[i * dp + d] = static_cast<C>(r[d * sd + i * st]);
     }
   }
 };
+
+// Time steps per tile of the gate's row buffers (a tile of each input stays in L2).
+constexpr int64_t kTile = 32;
 
 template <typename T, typename C>
 inline void store(T* out, const C* x, int64_t n) {
@@ -128,8 +137,8 @@ template <typename T, typename C>
 void load_padded(const ConvArgs& a, const Rows<T>& x, const Rows<T>* state, int64_t b, C* xp) {
   const int64_t pre = a.width - 1;
   std::fill(xp, xp + (pre + a.length) * a.dp, C(0));
-  for (int64_t j = 0; j < pre && state; ++j) state->load(b, j, a.dim, xp + j * a.dp);
-  for (int64_t t = 0; t < a.length; ++t) x.load(b, t, a.dim, xp + (pre + t) * a.dp);
+  if (state) state->load(b, 0, pre, a.dim, a.dp, xp);
+  x.load(b, 0, a.length, a.dim, a.dp, xp + pre * a.dp);
 }
 
 // The pre-activation of row t into out (dp entries).
@@ -200,15 +209,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bwd_impl(
   const Rows<T> xr(x), gr(dy);
   const Rows<T> sr = state ? Rows<T>(*state) : Rows<T>();
   at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<C> xp(rows * a.dp), g(a.length * a.dp), pre(a.dp), s(a.dp), acc(a.dp);
+    std::vector<C> xp(rows * a.dp), g(a.length * a.dp, C(0)), pre(a.dp), s(a.dp), acc(a.dp);
     for (int64_t b = begin; b < end; ++b) {
       load_padded<T, C>(a, xr, state ? &sr : nullptr, b, xp.data());
       C* dw = part.data() + b * (a.width + 1) * a.dp;
       C* db = dw + a.width * a.dp;
+      gr.load(b, 0, a.length, a.dim, a.dp, g.data());  // its padding columns stay zero
       for (int64_t t = 0; t < a.length; ++t) {  // g = dL/d(pre-activation)
         C* gt = g.data() + t * a.dp;
-        std::fill(gt, gt + a.dp, C(0));
-        gr.load(b, t, a.dim, gt);
         if (a.silu) {
           conv_row<C>(a, wt.data(), bias ? bt.data() : nullptr, xp.data(), t, pre.data());
           sigmoid<C>(pre.data(), s.data(), a.dp);
@@ -320,16 +328,23 @@ std::tuple<at::Tensor, at::Tensor> gate_fwd_impl(const GateArgs& a, const at::Te
   const C* Dp = Dpad.data();
   const Rows<T> yr(y), ur(u), zr(z);
   at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<C> yb(a.dp, C(0)), ub(a.dp, C(0)), zb(a.dp, C(0)), s(a.dp);
+    std::vector<C> ytile(kTile * a.dp, C(0)), utile(kTile * a.dp, C(0)), ztile(kTile * a.dp, C(0)), s(a.dp);
     for (int64_t b = begin; b < end; ++b)
-      for (int64_t t = 0; t < a.length; ++t) {
-        yr.load(b, t, a.dim, yb.data());
-        ur.load(b, t, a.dim, ub.data());
-        zr.load(b, t, a.dim, zb.data());
-        normalise_row<C>(a, yb.data(), rp + (b * a.length + t) * a.ngroups);
-        sigmoid<C>(zb.data(), s.data(), a.dp);
-        for (int64_t d = 0; d < a.dp; ++d) yb[d] = (yb[d] + Dp[d] * ub[d]) * zb[d] * s[d];
-        store<T, C>(op + (b * a.length + t) * a.dim, yb.data(), a.dim);
+      for (int64_t t0 = 0; t0 < a.length; t0 += kTile) {
+        const int64_t rows = std::min(kTile, a.length - t0);
+        yr.load(b, t0, rows, a.dim, a.dp, ytile.data());
+        ur.load(b, t0, rows, a.dim, a.dp, utile.data());
+        zr.load(b, t0, rows, a.dim, a.dp, ztile.data());
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t t = t0 + i;
+          C* yb = ytile.data() + i * a.dp;
+          const C* ub = utile.data() + i * a.dp;
+          const C* zb = ztile.data() + i * a.dp;
+          normalise_row<C>(a, yb, rp + (b * a.length + t) * a.ngroups);
+          sigmoid<C>(zb, s.data(), a.dp);
+          for (int64_t d = 0; d < a.dp; ++d) yb[d] = (yb[d] + Dp[d] * ub[d]) * zb[d] * s[d];
+          store<T, C>(op + (b * a.length + t) * a.dim, yb, a.dim);
+        }
       }
   });
   return {out, rstd};
@@ -353,40 +368,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_bwd_impl(
   const C* Dp = Dpad.data();
   const Rows<T> yr(y), ur(u), zr(z), gr(dout);
   at::parallel_for(0, a.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<C> yb(a.dp, C(0)), ub(a.dp, C(0)), zb(a.dp, C(0)), gb(a.dp, C(0)), s(a.dp), o(a.dp),
-        rfull(a.dp, C(0));
+    std::vector<C> ytile(kTile * a.dp, C(0)), utile(kTile * a.dp, C(0)), ztile(kTile * a.dp, C(0)),
+        gtile(kTile * a.dp, C(0)), s(a.dp), o(a.dp), rfull(a.dp, C(0));
     for (int64_t b = begin; b < end; ++b) {
       C* dD = part.data() + b * a.dp;
-      for (int64_t t = 0; t < a.length; ++t) {
-        yr.load(b, t, a.dim, yb.data());
-        ur.load(b, t, a.dim, ub.data());
-        zr.load(b, t, a.dim, zb.data());
-        gr.load(b, t, a.dim, gb.data());
-        const C* r = rp + (b * a.length + t) * a.ngroups;
-        for (int64_t gi = 0; gi < a.ngroups; ++gi) std::fill_n(rfull.data() + gi * a.group, a.group, r[gi]);
-        sigmoid<C>(zb.data(), s.data(), a.dp);
-        const int64_t row = (b * a.length + t) * a.dim;
-        for (int64_t d = 0; d < a.dp; ++d) {  // g = dL/d(pre) where pre = yn + D u (yb is y here)
-          const C pre = yb[d] * rfull[d] + Dp[d] * ub[d];
-          const C ga = gb[d] * zb[d] * s[d];
-          o[d] = gb[d] * pre * s[d] * (C(1) + zb[d] * (C(1) - s[d]));  // dL/dz
-          dD[d] += ga * ub[d];
-          ub[d] = ga * Dp[d];  // du
-          gb[d] = ga;
+      for (int64_t t0 = 0; t0 < a.length; t0 += kTile) {
+        const int64_t rows = std::min(kTile, a.length - t0);
+        yr.load(b, t0, rows, a.dim, a.dp, ytile.data());
+        ur.load(b, t0, rows, a.dim, a.dp, utile.data());
+        zr.load(b, t0, rows, a.dim, a.dp, ztile.data());
+        gr.load(b, t0, rows, a.dim, a.dp, gtile.data());
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t t = t0 + i;
+          const C* yb = ytile.data() + i * a.dp;
+          C* ub = utile.data() + i * a.dp;
+          const C* zb = ztile.data() + i * a.dp;
+          C* gb = gtile.data() + i * a.dp;
+          const C* r = rp + (b * a.length + t) * a.ngroups;
+          for (int64_t gi = 0; gi < a.ngroups; ++gi) std::fill_n(rfull.data() + gi * a.group, a.group, r[gi]);
+          sigmoid<C>(zb, s.data(), a.dp);
+          const int64_t row = (b * a.length + t) * a.dim;
+          for (int64_t d = 0; d < a.dp; ++d) {  // g = dL/d(pre) where pre = yn + D u (yb is y here)
+            const C pre = yb[d] * rfull[d] + Dp[d] * ub[d];
+            const C ga = gb[d] * zb[d] * s[d];
+            o[d] = gb[d] * pre * s[d] * (C(1) + zb[d] * (C(1) - s[d]));  // dL/dz
+            dD[d] += ga * ub[d];
+            ub[d] = ga * Dp[d];  // du
+            gb[d] = ga;
+          }
+          store<T, C>(dzp + row, o.data(), a.dim);
+          store<T, C>(dup + row, ub, a.dim);
+          for (int64_t gi = 0; gi < a.ngroups; ++gi) {  // dy = r (g - yn mean(g yn)) = r g - r^3 mean(g y) y
+            const C* yg = yb + gi * a.group;
+            const C* gg = gb + gi * a.group;
+            C* og = o.data() + gi * a.group;
+            const C rg = r[gi];
+            C m = 0;
+            for (int64_t j = 0; j < a.group; ++j) m += gg[j] * yg[j];
+            m *= rg * rg * rg / C(a.group);
+            for (int64_t j = 0; j < a.group; ++j) og[j] = rg * gg[j] - m * yg[j];
+          }
+          store<T, C>(dyp + row, o.data(), a.dim);
         }
-        store<T, C>(dzp + row, o.data(), a.dim);
-        store<T, C>(dup + row, ub.data(), a.dim);
-        for (int64_t gi = 0; gi < a.ngroups; ++gi) {  // dy = r (g - yn mean(g yn)) = r g - r^3 mean(g y) y
-          const C* yg = yb.data() + gi * a.group;
-          const C* gg = gb.data() + gi * a.group;
-          C* og = o.data() + gi * a.group;
-          const C rg = r[gi];
-          C m = 0;
-          for (int64_t i = 0; i < a.group; ++i) m += gg[i] * yg[i];
-          m *= rg * rg * rg / C(a.group);
-          for (int64_t i = 0; i < a.group; ++i) og[i] = rg * gg[i] - m * yg[i];
-        }
-        store<T, C>(dyp + row, o.data(), a.dim);
       }
     }
   });
