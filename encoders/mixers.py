@@ -178,7 +178,11 @@ class DefocusMambaMixer(nn.Module):
             pos = torch.arange(offset, offset + length, device=x.device, dtype=freq.dtype)
             angles = rope_angles(pos / self.rope_scale_factor, freq)
             b_in, c_in = apply_rope(b_in, angles), apply_rope(c_in, angles)
-        delta = F.softplus(_upcast(self.dt_proj(dt))).to(dt.dtype) / self.delta_scale_factor
+        # Delta stays in float32 under bf16 (as in mamba-ssm's kernel, which applies softplus in float32): the
+        # scans compute in float32 anyway, so rounding it to bf16 would only cost two casts and precision
+        delta = F.softplus(_upcast(self.dt_proj(dt)))
+        if self.delta_scale_factor != 1.0:
+            delta = delta / self.delta_scale_factor
         gated_in_scan = not self.group_norm_size
         ssm_state = None if cache is None else cache.get("ssm")
         y, ssm_state = selective_scan(

@@ -134,14 +134,14 @@ def _mamba_ssm(u, delta, A, B, C, D, z, initial_state, max_chunk):  # pragma: no
 
     if initial_state is not None:
         return _chunked(u, delta, A, B, C, D, z, initial_state, max_chunk)
-    y, last = selective_scan_fn(u, delta, A.float(), B, C, D, z, return_last_state=True)
+    y, last = selective_scan_fn(u, delta.to(u.dtype), A.float(), B, C, D, z, return_last_state=True)  # one dtype
     return y, last
 
 
 def _triton(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CUDA (or the Triton interpreter)
     from .selective_scan_triton import selective_scan_triton
 
-    y, last = selective_scan_triton(u, delta, A, B, C, D, z, initial_state)
+    y, last = selective_scan_triton(u, delta.to(u.dtype), A, B, C, D, z, initial_state)  # one dtype, as before
     return y, last.to(_compute_dtype(u))
 
 
