@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import KernelOp
+from .dispatch import KernelOp, compute_dtype
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _DISTANCES: dict = {}  # (Lq, Lk, q_offset, causal, dtype, device) -> (|t - s|, causal mask): constants
@@ -163,7 +163,7 @@ def _flex(q, k, v, log_decay, causal, q_offset, scale):
             "has no CPU backward); use backend='sdpa' there, or run on CUDA"
         )
     if log_decay is not None:
-        log_decay = log_decay.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        log_decay = log_decay.to(compute_dtype(q))
     # Training shape (q_offset 0, Lq == Lk): block-sparse causal mask, built once per length.
     # Streaming (q_offset > 0): causality inside the score_mod, with the offset as a tensor so
     # that a new offset is new data, not a new compiled graph.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .cpu_extension import device_facts, fused_rule, require
-from .dispatch import KernelOp
+from .dispatch import KernelOp, compute_dtype
 
 
 def _reference(x, weight, bias, state, activation):
@@ -51,9 +51,8 @@ def _last_inputs(x, state, width):
 class _FusedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, state, silu, op):  # noqa: D102 - see causal_conv1d
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        w = weight.to(compute).contiguous()
-        b = None if bias is None else bias.to(compute).contiguous()
+        w = weight.to(compute_dtype(x)).contiguous()
+        b = None if bias is None else bias.to(compute_dtype(x)).contiguous()
         ctx.save_for_backward(x, w, b, state)
         ctx.args, ctx.dtypes = (silu, op), (weight.dtype, None if bias is None else bias.dtype)
         return op.conv_fwd(x, w, b, state, silu).transpose(1, 2)  # (B, L, D) storage: x_proj reads it

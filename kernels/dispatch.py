@@ -31,6 +31,11 @@ _RECORDING: contextvars.ContextVar[dict[str, tuple[str, str]] | None] = contextv
     "defocus_kernel_choices", default=None)
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype every op computes in for ``t``: float64 for float64, float32 otherwise (half inputs upcast)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 @functools.lru_cache(maxsize=8)
 def _parse_env(raw: str) -> tuple[str | None, dict[str, str]]:
     """(value for every op, {op: value}) of a ``DEFOCUS_KERNELS`` string."""

@@ -1,7 +1,7 @@
 """The Mamba mixer's output gate (De-focus Mamba): RMS norm without weight over consecutive channel
 groups of the scan's output, plus the skip D * u, times SiLU(z).
 
-    out = (group_rms_norm(y) + D * u) * silu(z)        y, u, z: (B, E, L); D: (E,)
+    out = (rms_norm_per_group(y) + D * u) * silu(z)        y, u, z: (B, E, L); D: (E,)
 
 Computed in float32 (float64 for float64 inputs) and rounded once to y's dtype.
 
@@ -17,34 +17,22 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .cpu_extension import device_facts, fused_rule, require
-from .dispatch import KernelOp
+from .dispatch import KernelOp, compute_dtype
 
 EPS = 1e-6
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def group_rms_norm(y: torch.Tensor, group_size: int, eps: float = EPS) -> torch.Tensor:
-    """RMS norm without weight over consecutive channel groups of y (B, E, L), in float32."""
-    dtype = y.dtype
-    y32 = y.float() if dtype in (torch.float16, torch.bfloat16) else y
-    g = y32.unflatten(1, (-1, group_size))
-    g = g * torch.rsqrt(g.pow(2).mean(2, keepdim=True) + eps)
-    return g.flatten(1, 2).to(dtype)
-
-
 def _reference(y, u, z, D, group_size, eps):
-    ct = _compute_dtype(y)
-    out = (group_rms_norm(y.to(ct), group_size, eps) + D[:, None].to(ct) * u.to(ct)) * F.silu(z.to(ct))
-    return out.to(y.dtype)
+    ct = compute_dtype(y)
+    g = y.to(ct).unflatten(1, (-1, group_size))  # RMS norm without weight over each channel group
+    normed = (g * torch.rsqrt(g.pow(2).mean(2, keepdim=True) + eps)).flatten(1, 2)
+    return ((normed + D[:, None].to(ct) * u.to(ct)) * F.silu(z.to(ct))).to(y.dtype)
 
 
 class _FusedGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, u, z, D, group_size, eps, op):  # noqa: D102 - see gated_group_rms_norm
-        d_compute = D.to(_compute_dtype(y)).contiguous()
+        d_compute = D.to(compute_dtype(y)).contiguous()
         out, rstd = op.gate_fwd(y, u, z, d_compute, group_size, eps)
         ctx.save_for_backward(y, u, z, d_compute, rstd)
         ctx.args, ctx.d_dtype = (group_size, eps, op), D.dtype
@@ -78,7 +66,7 @@ OP = KernelOp("gated_norm", BACKENDS, facts=lambda y: device_facts(y.device), ru
 
 def gated_group_rms_norm(y: torch.Tensor, u: torch.Tensor, z: torch.Tensor, D: torch.Tensor, group_size: int,
                          eps: float = EPS, backend: str = "auto") -> torch.Tensor:
-    """(group_rms_norm(y) + D u) silu(z) for y, u, z (B, E, L) and D (E,); y's dtype out."""
+    """(rms_norm_per_group(y) + D u) silu(z) for y, u, z (B, E, L) and D (E,); y's dtype out."""
     if y.dim() != 3 or u.shape != y.shape or z.shape != y.shape or D.shape != (y.shape[1],):
         raise ValueError(f"expected y, u, z (B, E, L) and D (E,), got {tuple(y.shape)}, {tuple(u.shape)}, "
                          f"{tuple(z.shape)}, {tuple(D.shape)}")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_extension import device_facts, fused_rule
-from .dispatch import KernelOp
+from .dispatch import KernelOp, compute_dtype
 
 
 def check_scan_shapes(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -53,12 +53,8 @@ def _finish(y, u, D, z):
     return y
 
 
-def _compute_dtype(u):
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
 def _reference(u, delta, A, B, C, D, z, initial_state, max_chunk):
-    dt = _compute_dtype(u)
+    dt = compute_dtype(u)
     u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     decay = torch.exp(delta[..., None] * A[:, None, :])  # (B, D, L, N)
     inp = (delta * u)[..., None] * B.transpose(1, 2)[:, None]  # (B, D, L, N)
@@ -91,7 +87,7 @@ def chunk_length(rate: float, max_chunk: int, limit: float) -> int:
 
 
 def _chunked(u, delta, A, B, C, D, z, initial_state, max_chunk):
-    dt = _compute_dtype(u)
+    dt = compute_dtype(u)
     u, delta, A, B, C = (t.to(dt) for t in (u, delta, A, B, C))
     batch, dim, length = u.shape
     n = A.shape[1]
@@ -142,7 +138,7 @@ def _triton(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CUDA (or the 
     from .selective_scan_triton import selective_scan_triton
 
     y, last = selective_scan_triton(u, delta.to(u.dtype), A, B, C, D, z, initial_state)  # one dtype, as before
-    return y, last.to(_compute_dtype(u))
+    return y, last.to(compute_dtype(u))
 
 
 def _fused(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CPU, C++ built just in time

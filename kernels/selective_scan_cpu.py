@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .cpu_extension import require
+from .dispatch import compute_dtype
 from .selective_scan import check_scan_shapes
 
 # Steps per checkpoint: the backward keeps a tile's states and decays for a block of 64 float32
@@ -56,7 +57,7 @@ def fused_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     tensors = [t for t in (u, delta, A, B, C, D, z, initial_state) if t is not None]
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("the 'fused' selective-scan backend runs on CPU tensors only")
-    dt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(u)
     u, delta, B, C = (t.to(dt) for t in (u, delta, B, C))  # any strides: the kernel reads them as they are
     A = A.to(dt).contiguous()
     D = None if D is None else D.to(dt).contiguous()
