@@ -1,13 +1,17 @@
 """Run a plan of training experiments that may span sessions, and collect their results.
 
     .venv/bin/python benchmarks/experiments.py benchmarks/plans/fashion_claim.yaml [--jobs 2] [--only GROUP ...]
+        [--rows ROW ...] [--seeds S ...]
     .venv/bin/python benchmarks/experiments.py benchmarks/plans/fashion_claim.yaml --collect
 
 A plan (YAML) names a stage, shared overrides and groups of rows x seeds; each (row, seed) is one
 ``defocus-vlm train STAGE --config CONFIG [overrides] train.seed=S train.output_dir=DIR`` command.
 Running a plan again picks up where it stopped: a run whose ``metrics.json`` exists is done, a run
 with a checkpoint continues with ``--resume`` (exact), anything else in its directory (a run killed
-before its first checkpoint) is started afresh. ``--collect`` (also done after every finished run)
+before its first checkpoint) is started afresh. The results JSON is the plan's record across machines (run
+directories and checkpoints are never committed): a run it records as done, with the same commands, is not run
+again, and its recorded numbers are kept, unless a run still to do needs its directory (a stage-1 tower whose
+files are gone), which trains it again. ``--collect`` (also done after every finished run)
 writes the plan's results JSON: every run's final metrics and command, and per row the mean and
 standard deviation over seeds, plus the per-epoch validation curve.
 
@@ -52,6 +56,7 @@ class Job:
     out: Path
     evals: dict[str, list[str]] = field(default_factory=dict)  # name -> command line, without --output-dir
     needs: list[Path] = field(default_factory=list)  # output directories of the runs this one waits for
+    record: dict | None = None  # this run's entry in the results JSON, when it records it done with these commands
 
     @property
     def name(self) -> str:
@@ -69,7 +74,19 @@ class Job:
 
     @property
     def done(self) -> bool:
+        """Finished here: its metrics files exist."""
         return self.trained and all((self.eval_dir(n) / "metrics.json").is_file() for n in self.evals)
+
+    @property
+    def finished(self) -> bool:
+        """Finished here or recorded as finished (on another machine, whose files are gone)."""
+        return self.done or self.record is not None
+
+    @property
+    def command(self) -> str:
+        """Its whole work as one shell line: the training, then each evaluation."""
+        commands = ([self.argv] if self.argv else []) + [self.eval_argv(name) for name in self.evals]
+        return " && ".join("defocus-vlm " + " ".join(c) for c in commands)
 
     def resumable(self) -> bool:
         return (self.out / "checkpoints" / "latest").is_file()
@@ -103,9 +120,23 @@ def fill_paths(arg: str, root: Path, seed: int, out: Path) -> str:
     return arg.replace("{out}", str(out.relative_to(ROOT)))
 
 
+def recorded_runs(plan: dict) -> dict[tuple[str, str, int], dict]:
+    """The runs the plan's results JSON records as done, by (group, row, seed)."""
+    path = ROOT / plan["results"]
+    if not path.is_file():
+        return {}
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        expected = "expected an object with 'runs'"
+        raise SystemExit(f"{path}: not a results JSON of this runner ({expected}): {error}") from None
+    return {(r["group"], r["row"], r["seed"]): r for r in runs if r.get("done")}
+
+
 def plan_jobs(plan: dict, only: list[str] | None = None) -> list[Job]:
-    """Every (row, seed) of the plan, in plan order (group, seed, row)."""
+    """Every (row, seed) of the plan, in plan order (group, seed, row), each with its record if it has one."""
     root = ROOT / plan["output_root"]
+    records = recorded_runs(plan)
     jobs = []
     for group in plan["groups"]:
         if only and group["name"] not in only:
@@ -122,7 +153,10 @@ def plan_jobs(plan: dict, only: list[str] | None = None) -> list[Job]:
                     f"train.seed={seed}", f"train.output_dir={out.relative_to(ROOT)}"]
                 evals = {name: [fill_paths(str(a), root, seed, out) for a in flatten(cmd)]
                          for name, cmd in {**group.get("evals", {}), **spec.get("evals", {})}.items()}
-                jobs.append(Job(group["name"], row, seed, argv, out, evals, needs))
+                job = Job(group["name"], row, seed, argv, out, evals, needs)
+                record = records.get((job.group, job.row, job.seed))
+                job.record = record if record and record["command"] == job.command else None
+                jobs.append(job)
     return jobs
 
 
@@ -148,7 +182,15 @@ def run(jobs: list[Job], parallel: int, on_finish) -> int:
     """Run the unfinished jobs, ``parallel`` at a time, each once the runs it needs are done; the number
     that failed (a job whose needed run failed, or is neither done nor planned, fails too)."""
     planned = {j.out: j for j in unique(jobs)}
-    pending = [j for j in planned.values() if not j.done]
+    wanted = {out for out, j in planned.items() if not j.finished}
+    # a recorded run whose files are gone runs again when a run still to do needs them (a stage-1 tower)
+    stack = list(wanted)
+    while stack:
+        for need in planned[stack.pop()].needs:
+            if need in planned and not planned[need].done and need not in wanted:
+                wanted.add(need)
+                stack.append(need)
+    pending = [j for out, j in planned.items() if out in wanted]
     running: dict[str, tuple[Job, subprocess.Popen]] = {}
     failed: set[Path] = set()
 
@@ -209,20 +251,20 @@ def numbers(metrics: dict, prefix: str) -> dict[str, float]:
 def collect(plan: dict, jobs: list[Job]) -> dict:
     runs, rows = [], {}
     for job in jobs:
-        commands = ([job.argv] if job.argv else []) + [job.eval_argv(name) for name in job.evals]
-        entry = {"group": job.group, "row": job.row, "seed": job.seed,
-                 "command": " && ".join("defocus-vlm " + " ".join(c) for c in commands), "done": job.done}
+        entry = {"group": job.group, "row": job.row, "seed": job.seed, "command": job.command, "done": job.done}
         if job.done:
-            found = {}
             if job.argv:
                 metrics = json.loads((job.out / "metrics.json").read_text())
                 entry |= {"val": metrics["val"], "steps": metrics["steps"], "wall_s": metrics["wall_s"],
                           "curve": val_curve(job.out)}
-                for kind, values in metrics["val"].items():
-                    found |= {f"{kind}.{key}": value for key, value in values.items()}
             for name in job.evals:
-                metrics = json.loads((job.eval_dir(name) / "metrics.json").read_text())
-                entry.setdefault("evals", {})[name] = metrics
+                entry.setdefault("evals", {})[name] = json.loads((job.eval_dir(name) / "metrics.json").read_text())
+        elif job.record:
+            entry = job.record  # finished on another machine: its recorded numbers stand
+        if entry["done"]:
+            found = {f"{kind}.{key}": value for kind, values in entry.get("val", {}).items()
+                     for key, value in values.items()}
+            for name, metrics in entry.get("evals", {}).items():
                 found |= numbers(metrics, name)
             for key, value in found.items():
                 rows.setdefault((job.group, job.row), {}).setdefault(key, []).append(value)
@@ -268,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("plan", type=Path)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses train.cpu_threads)")
     parser.add_argument("--only", nargs="*", help="run only these groups")
+    parser.add_argument("--rows", nargs="*", help="run only these rows (the runs a session has time to finish)")
+    parser.add_argument("--seeds", nargs="*", type=int, help="run only these seeds")
     parser.add_argument("--collect", action="store_true", help="only (re)write the results JSON")
     parser.add_argument("--list", action="store_true", help="print each run's state and command")
     parser.add_argument("--table", nargs="+", metavar="KEY",
@@ -277,10 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(table(json.loads((ROOT / plan["results"]).read_text()), args.table))
         return 0
-    jobs = plan_jobs(plan, args.only)
+    jobs = [j for j in plan_jobs(plan, args.only)
+            if (not args.rows or j.row in args.rows) and (not args.seeds or j.seed in args.seeds)]
     if args.list:
         for job in unique(jobs):
-            state = "done" if job.done else "resume" if job.resumable() else "eval" if job.trained else "todo"
+            state = ("done" if job.done else "record" if job.record else "resume" if job.resumable()
+                     else "eval" if job.trained else "todo")
             print(f"{state:6s} {job.name:40s} defocus-vlm {' '.join(job.next_command() or job.argv or [])}")
         return 0
     if not args.collect:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -140,3 +141,54 @@ def test_committed_plans_parse_and_their_configs_load(plan_file):
             if args.command == "train":
                 config_file, *more = args.config
                 load_config(config_file, list(args.overrides) + more, stage=args.stage)
+
+
+def test_the_results_json_is_the_record_across_machines(root):
+    """A fresh machine (no run directories) with the committed results JSON: recorded runs are not run again and
+    their numbers stay; a recorded stage-1 run is trained again only because a run still to do needs its files;
+    a record whose commands differ from the plan's does not count."""
+    experiments.run(experiments.plan_jobs(PLAN), parallel=2, on_finish=lambda: None)
+    experiments.write_results(PLAN, experiments.plan_jobs(PLAN))
+    record = json.loads((root / "results/chain.json").read_text())
+    # another machine: a-seed1's stage-3 run never finished there, a-seed0's record is from an older plan
+    record["runs"] = [r for r in record["runs"] if (r["row"], r["seed"]) != ("a", 1)]
+    next(r for r in record["runs"] if (r["row"], r["seed"]) == ("a", 0))["command"] += " train.epochs=9"
+    (root / "results/chain.json").write_text(json.dumps(record))
+    shutil.rmtree(root / "runs")
+    (root / "calls.txt").unlink()
+
+    jobs = experiments.plan_jobs(PLAN)
+    assert {j.name for j in jobs if j.record} == {"objects-a-seed0", "objects-a-seed1", "prior-seed0"}
+    assert experiments.run(jobs, parallel=1, on_finish=lambda: None) == 4  # objects-b and b fail again
+    calls = [c.split("output_dir=")[-1] for c in (root / "calls.txt").read_text().splitlines() if "train" in c]
+    assert "runs/chain/objects-a-seed0" in calls and "runs/chain/a-seed0" in calls  # a-seed0 needs its tower
+    assert "runs/chain/objects-a-seed1" in calls and "runs/chain/a-seed1" in calls
+    assert not any("prior" in c for c in (root / "calls.txt").read_text().splitlines())  # recorded, needed by none
+
+    (root / "calls.txt").unlink()
+    shutil.rmtree(root / "runs/chain/objects-a-seed0")  # gone again, but nothing still to do needs it now
+    jobs = experiments.plan_jobs(PLAN)
+    assert experiments.run(jobs, parallel=1, on_finish=lambda: None) == 4
+    assert all("objects-b" in c for c in (root / "calls.txt").read_text().splitlines())
+    results = experiments.collect(PLAN, jobs)
+    prior = next(r for r in results["runs"] if r["row"] == "prior")
+    assert prior["done"] and prior["evals"]["test"]["accuracy"] == 40.0  # kept from the record
+    objects_a = next(r for r in results["rows"] if r["row"] == "objects-a")
+    assert objects_a["raw.top1"]["values"] == [50, 51]  # seed 0 from the record, seed 1 from its files
+
+
+def test_a_results_json_that_is_not_a_record_is_refused(root):
+    (root / "results").mkdir()
+    (root / "results/chain.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=r"results/chain.json: not a results JSON of this runner"):
+        experiments.plan_jobs(PLAN)
+
+
+def test_rows_and_seeds_pick_the_runs(root, capsys):
+    import yaml
+
+    plan = root / "chain.yaml"
+    plan.write_text(yaml.safe_dump(PLAN))
+    assert experiments.main([str(plan), "--list", "--rows", "a", "objects-a", "--seeds", "1"]) == 0
+    listed = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [["todo", "objects-a-seed1"], ["todo", "a-seed1"]]
