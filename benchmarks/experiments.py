@@ -1,7 +1,7 @@
 """Run a plan of training experiments that may span sessions, and collect their results.
 
     .venv/bin/python benchmarks/experiments.py benchmarks/plans/fashion_claim.yaml [--jobs 2] [--only GROUP ...]
-        [--rows ROW ...] [--seeds S ...]
+        [--rows ROW ...] [--seeds S ...] [--rerun]
     .venv/bin/python benchmarks/experiments.py benchmarks/plans/fashion_claim.yaml --collect
 
 A plan (YAML) names a stage, shared overrides and groups of rows x seeds; each (row, seed) is one
@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="run only these groups")
     parser.add_argument("--rows", nargs="*", help="run only these rows (the runs a session has time to finish)")
     parser.add_argument("--seeds", nargs="*", type=int, help="run only these seeds")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run the picked runs again even where the results JSON records them (to get their "
+                             "files back, or to check that a run reproduces); their new numbers replace the record's")
     parser.add_argument("--collect", action="store_true", help="only (re)write the results JSON")
     parser.add_argument("--list", action="store_true", help="print each run's state and command")
     parser.add_argument("--table", nargs="+", metavar="KEY",
@@ -323,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     jobs = [j for j in plan_jobs(plan, args.only)
             if (not args.rows or j.row in args.rows) and (not args.seeds or j.seed in args.seeds)]
+    for job in jobs if args.rerun else []:
+        job.record = None
     if args.list:
         for job in unique(jobs):
             state = ("done" if job.done else "record" if job.record else "resume" if job.resumable()

@@ -192,3 +192,20 @@ def test_rows_and_seeds_pick_the_runs(root, capsys):
     assert experiments.main([str(plan), "--list", "--rows", "a", "objects-a", "--seeds", "1"]) == 0
     listed = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
     assert listed == [["todo", "objects-a-seed1"], ["todo", "a-seed1"]]
+
+
+def test_rerun_runs_recorded_runs_again(root, capsys):
+    import yaml
+
+    experiments.run(experiments.plan_jobs(PLAN), parallel=2, on_finish=lambda: None)
+    experiments.write_results(PLAN, experiments.plan_jobs(PLAN))
+    shutil.rmtree(root / "runs")
+    plan = root / "chain.yaml"
+    plan.write_text(yaml.safe_dump(PLAN))
+    capsys.readouterr()
+    assert experiments.main([str(plan), "--list", "--rows", "a", "objects-a", "--seeds", "0"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["record", "record"]
+    (root / "calls.txt").unlink()
+    assert experiments.main([str(plan), "--rows", "a", "objects-a", "--seeds", "0", "--rerun"]) == 0
+    calls = (root / "calls.txt").read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["train", "train", "eval"] and "objects-a-seed0" in calls[0]
