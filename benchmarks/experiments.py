@@ -283,17 +283,22 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
             "groups": groups, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": summary, "runs": runs}
 
 
-def table(results: dict, keys: list[str]) -> str:
-    """A Markdown table: one line per row of ``results`` (from :func:`collect`), the mean +- std of each key."""
+def table(results: dict, keys: list[str], groups: list[str] | None = None) -> str:
+    """A Markdown table: one line per row of ``results`` (from :func:`collect`) in ``groups`` (all if None), the
+    mean +- std of each key; a group column when the lines come from more than one group (a row such as the
+    side-by-side's ``defocus_mamba`` is also an ablation's baseline)."""
     def cell(line: dict, key: str) -> str:
         if key not in line:
             return "-"
         value = line[key]
         return f"{value['mean']:.2f}" + (f" ± {value['std']:.2f}" if value["std"] is not None else "")
 
-    lines = ["| row | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    lines += [f"| {line['row']} | {line['seeds']} | " + " | ".join(cell(line, k) for k in keys) + " |"
-              for line in results["rows"]]
+    shown = [line for line in results["rows"] if not groups or line["group"] in groups]
+    by_group = len({line["group"] for line in shown}) > 1
+    head = ["group"] * by_group + ["row", "seeds", *keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([line["group"]] * by_group + [line["row"], str(line["seeds"])]
+                                + [cell(line, k) for k in keys]) + " |" for line in shown]
     return "\n".join(lines)
 
 
@@ -318,11 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect", action="store_true", help="only (re)write the results JSON")
     parser.add_argument("--list", action="store_true", help="print each run's state and command")
     parser.add_argument("--table", nargs="+", metavar="KEY",
-                        help="print the results JSON's rows as a Markdown table of these keys (mean +- std)")
+                        help="print the results JSON's rows (of the --only groups) as a Markdown table of these keys "
+                             "(mean +- std)")
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
     if args.table:
-        print(table(json.loads((ROOT / plan["results"]).read_text()), args.table))
+        print(table(json.loads((ROOT / plan["results"]).read_text()), args.table, args.only))
         return 0
     jobs = [j for j in plan_jobs(plan, args.only)
             if (not args.rows or j.row in args.rows) and (not args.seeds or j.seed in args.seeds)]

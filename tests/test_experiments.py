@@ -104,9 +104,11 @@ def test_run_waits_for_needed_runs_and_skips_after_a_failure(root, capsys):
     assert row["test.accuracy_by_type.count.accuracy"]["std"] == 0.0
     assert "test.samples" not in row and results["groups"]["stage1"]["stage"] == "classification"
     lines = experiments.table(results, ["raw.top1", "test.accuracy"]).splitlines()
-    assert lines[0] == "| row | seeds | raw.top1 | test.accuracy |"
-    assert "| a | 2 | 50.50 ± 0.71 | 40.00 ± 0.00 |" in lines and "| objects-a | 2 | 50.50 ± 0.71 | - |" in lines
-    assert "| prior | 1 | - | 40.00 |" in lines
+    assert lines[0] == "| group | row | seeds | raw.top1 | test.accuracy |"  # three groups: each line names its own
+    assert "| towers | a | 2 | 50.50 ± 0.71 | 40.00 ± 0.00 |" in lines
+    assert "| stage1 | objects-a | 2 | 50.50 ± 0.71 | - |" in lines and "| prior | prior | 1 | - | 40.00 |" in lines
+    lines = experiments.table(results, ["raw.top1"], groups=["towers"]).splitlines()
+    assert lines == ["| row | seeds | raw.top1 |", "|---|---|---|", "| a | 2 | 50.50 ± 0.71 |"]
     # a second run has nothing left but the failures: the finished runs are not started again
     (root / "calls.txt").unlink()
     assert experiments.run(experiments.plan_jobs(PLAN), parallel=1, on_finish=lambda: None) == 4
