@@ -285,8 +285,8 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
 
 def table(results: dict, keys: list[str], groups: list[str] | None = None) -> str:
     """A Markdown table: one line per row of ``results`` (from :func:`collect`) in ``groups`` (all if None), the
-    mean +- std of each key; a group column when the lines come from more than one group (a row such as the
-    side-by-side's ``defocus_mamba`` is also an ablation's baseline)."""
+    mean +- std of each key; a group column when a row name is in more than one of them (the side-by-side's
+    ``defocus_mamba`` is also each ablation's baseline)."""
     def cell(line: dict, key: str) -> str:
         if key not in line:
             return "-"
@@ -294,7 +294,8 @@ def table(results: dict, keys: list[str], groups: list[str] | None = None) -> st
         return f"{value['mean']:.2f}" + (f" ± {value['std']:.2f}" if value["std"] is not None else "")
 
     shown = [line for line in results["rows"] if not groups or line["group"] in groups]
-    by_group = len({line["group"] for line in shown}) > 1
+    names = [line["row"] for line in shown]
+    by_group = len(set(names)) < len(names)
     head = ["group"] * by_group + ["row", "seeds", *keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([line["group"]] * by_group + [line["row"], str(line["seeds"])]

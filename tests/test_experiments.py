@@ -104,11 +104,15 @@ def test_run_waits_for_needed_runs_and_skips_after_a_failure(root, capsys):
     assert row["test.accuracy_by_type.count.accuracy"]["std"] == 0.0
     assert "test.samples" not in row and results["groups"]["stage1"]["stage"] == "classification"
     lines = experiments.table(results, ["raw.top1", "test.accuracy"]).splitlines()
-    assert lines[0] == "| group | row | seeds | raw.top1 | test.accuracy |"  # three groups: each line names its own
-    assert "| towers | a | 2 | 50.50 ± 0.71 | 40.00 ± 0.00 |" in lines
-    assert "| stage1 | objects-a | 2 | 50.50 ± 0.71 | - |" in lines and "| prior | prior | 1 | - | 40.00 |" in lines
-    lines = experiments.table(results, ["raw.top1"], groups=["towers"]).splitlines()
-    assert lines == ["| row | seeds | raw.top1 |", "|---|---|---|", "| a | 2 | 50.50 ± 0.71 |"]
+    assert lines[0] == "| row | seeds | raw.top1 | test.accuracy |"
+    assert "| a | 2 | 50.50 ± 0.71 | 40.00 ± 0.00 |" in lines and "| objects-a | 2 | 50.50 ± 0.71 | - |" in lines
+    assert "| prior | 1 | - | 40.00 |" in lines
+    # a row name in two groups (a shared baseline): each line names its group; --only picks groups
+    shared = {**results, "rows": results["rows"] + [{**results["rows"][0], "group": "ablation"}]}
+    lines = experiments.table(shared, ["raw.top1"]).splitlines()
+    assert lines[0] == "| group | row | seeds | raw.top1 |" and "| ablation | objects-a | 2 | 50.50 ± 0.71 |" in lines
+    assert experiments.table(shared, ["raw.top1"], groups=["towers"]).splitlines() == [
+        "| row | seeds | raw.top1 |", "|---|---|---|", "| a | 2 | 50.50 ± 0.71 |"]
     # a second run has nothing left but the failures: the finished runs are not started again
     (root / "calls.txt").unlink()
     assert experiments.run(experiments.plan_jobs(PLAN), parallel=1, on_finish=lambda: None) == 4
