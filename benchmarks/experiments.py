@@ -267,15 +267,16 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
             for name, metrics in entry.get("evals", {}).items():
                 found |= numbers(metrics, name)
             for key, value in found.items():
-                rows.setdefault((job.group, job.row), {}).setdefault(key, []).append(value)
+                rows.setdefault((job.group, job.row), {}).setdefault(key, []).append((job.seed, value))
         runs.append(entry)
     summary = []
     for (group, row), metrics in rows.items():
         line = {"group": group, "row": row, "seeds": len(next(iter(metrics.values())))}
-        for key, values in metrics.items():
+        for key, pairs in metrics.items():
+            values = [value for _, value in pairs]
             line[key] = {"mean": round(statistics.fmean(values), 3),
                          "std": round(statistics.stdev(values), 3) if len(values) > 1 else None,
-                         "values": values}
+                         "values": values, "seeds": [seed for seed, _ in pairs]}
         summary.append(line)
     groups = {g["name"]: {"stage": g.get("stage", plan["stage"]), "budget": g.get("budget", [])}
               for g in plan["groups"]}
@@ -283,23 +284,33 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
             "groups": groups, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": summary, "runs": runs}
 
 
-def table(results: dict, keys: list[str], groups: list[str] | None = None) -> str:
+def table(results: dict, keys: list[str], groups: list[str] | None = None, per_seed: str | None = None) -> str:
     """A Markdown table: one line per row of ``results`` (from :func:`collect`) in ``groups`` (all if None), the
     mean +- std of each key; a group column when a row name is in more than one of them (the side-by-side's
-    ``defocus_mamba`` is also each ablation's baseline)."""
+    ``defocus_mamba`` is also each ablation's baseline); with ``per_seed``, a last column of that key's value at
+    each seed (``s0 90.81, s1 90.63``)."""
     def cell(line: dict, key: str) -> str:
         if key not in line:
             return "-"
         value = line[key]
         return f"{value['mean']:.2f}" + (f" ± {value['std']:.2f}" if value["std"] is not None else "")
 
+    def seeds_cell(line: dict) -> str:
+        if per_seed not in line:
+            return "-"
+        value = line[per_seed]
+        # results written before the runner kept each value's seed: the values alone, in seed order
+        seeds = value.get("seeds") or [None] * len(value["values"])
+        return ", ".join(("" if s is None else f"s{s} ") + f"{v:.2f}" for s, v in zip(seeds, value["values"]))
+
     shown = [line for line in results["rows"] if not groups or line["group"] in groups]
     names = [line["row"] for line in shown]
     by_group = len(set(names)) < len(names)
-    head = ["group"] * by_group + ["row", "seeds", *keys]
+    head = ["group"] * by_group + ["row", "seeds", *keys] + [f"{per_seed} per seed"] * bool(per_seed)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([line["group"]] * by_group + [line["row"], str(line["seeds"])]
-                                + [cell(line, k) for k in keys]) + " |" for line in shown]
+                                + [cell(line, k) for k in keys] + [seeds_cell(line)] * bool(per_seed)) + " |"
+              for line in shown]
     return "\n".join(lines)
 
 
@@ -326,10 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", nargs="+", metavar="KEY",
                         help="print the results JSON's rows (of the --only groups) as a Markdown table of these keys "
                              "(mean +- std)")
+    parser.add_argument("--per-seed", metavar="KEY", help="with --table: a last column of KEY's value at each seed")
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
     if args.table:
-        print(table(json.loads((ROOT / plan["results"]).read_text()), args.table, args.only))
+        print(table(json.loads((ROOT / plan["results"]).read_text()), args.table, args.only, args.per_seed))
         return 0
     jobs = [j for j in plan_jobs(plan, args.only)
             if (not args.rows or j.row in args.rows) and (not args.seeds or j.seed in args.seeds)]

@@ -107,6 +107,11 @@ def test_run_waits_for_needed_runs_and_skips_after_a_failure(root, capsys):
     assert lines[0] == "| row | seeds | raw.top1 | test.accuracy |"
     assert "| a | 2 | 50.50 ± 0.71 | 40.00 ± 0.00 |" in lines and "| objects-a | 2 | 50.50 ± 0.71 | - |" in lines
     assert "| prior | 1 | - | 40.00 |" in lines
+    # each value with its seed, as a last column
+    assert row["raw.top1"]["seeds"] == [0, 1]
+    lines = experiments.table(results, ["raw.top1"], per_seed="raw.top1").splitlines()
+    assert lines[0] == "| row | seeds | raw.top1 | raw.top1 per seed |"
+    assert "| a | 2 | 50.50 ± 0.71 | s0 50.00, s1 51.00 |" in lines and "| prior | 1 | - | - |" in lines
     # a row name in two groups (a shared baseline): each line names its group; --only picks groups
     shared = {**results, "rows": results["rows"] + [{**results["rows"][0], "group": "ablation"}]}
     lines = experiments.table(shared, ["raw.top1"]).splitlines()
