@@ -179,10 +179,12 @@ class DefocusMambaMixer(nn.Module):
             angles = rope_angles(pos / self.rope_scale_factor, freq)
             b_in, c_in = apply_rope(b_in, angles), apply_rope(c_in, angles)
         # Delta stays in float32 under bf16 (as in mamba-ssm's kernel, which applies softplus in float32): the
-        # scans compute in float32 anyway, so rounding it to bf16 would only cost two casts and precision
-        delta = F.softplus(_upcast(self.dt_proj(dt)))
-        if self.delta_scale_factor != 1.0:
-            delta = delta / self.delta_scale_factor
+        # scans compute in float32 anyway, so rounding it to bf16 would only cost two casts and precision.
+        # Its softplus runs inside the scan (mamba-ssm's delta_softplus) unless Delta is rescaled after it.
+        delta = _upcast(self.dt_proj(dt))
+        softplus_in_scan = self.delta_scale_factor == 1.0
+        if not softplus_in_scan:
+            delta = F.softplus(delta) / self.delta_scale_factor
         gated_in_scan = not self.group_norm_size
         ssm_state = None if cache is None else cache.get("ssm")
         y, ssm_state = selective_scan(
@@ -190,7 +192,7 @@ class DefocusMambaMixer(nn.Module):
             c_in.transpose(1, 2).contiguous(),
             D=_upcast(self.D) if gated_in_scan else None,
             z=z.transpose(1, 2) if gated_in_scan else None,
-            initial_state=ssm_state, return_last_state=True,
+            initial_state=ssm_state, return_last_state=True, delta_softplus=softplus_in_scan,
         )
         if cache is not None:
             cache["conv"], cache["ssm"] = conv_state, ssm_state

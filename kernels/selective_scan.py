@@ -3,7 +3,9 @@
     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,    y_t = C_t . h_t (+ D u_t) (* silu(z_t))
 
 u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) (already RoPE'd by the caller); D: (D,).
-Half-precision inputs are computed in float32 and returned in the input dtype.
+Half-precision inputs are computed in float32 and returned in the input dtype. With
+``delta_softplus`` (mamba-ssm's flag) the scan uses softplus(delta); the fused backends apply it inside
+the kernel, the others first (in the compute dtype).
 
 Backends
 - ``reference``: the recurrence, one token at a time (the source of truth).
@@ -51,6 +53,16 @@ def _finish(y, u, D, z):
     if z is not None:
         y = y * F.silu(z.to(y.dtype))
     return y
+
+
+def _softplus_first(backend):
+    """A backend without its own softplus: delta = softplus(delta) in the compute dtype first."""
+    def run(u, delta, A, B, C, D, z, initial_state, max_chunk, delta_softplus):
+        if delta_softplus:
+            delta = F.softplus(delta.to(compute_dtype(u)))
+        return backend(u, delta, A, B, C, D, z, initial_state, max_chunk)
+
+    return run
 
 
 def _reference(u, delta, A, B, C, D, z, initial_state, max_chunk):
@@ -125,12 +137,13 @@ def _chunked(u, delta, A, B, C, D, z, initial_state, max_chunk):
     return _finish(y, u, D, z), h
 
 
-def _mamba_ssm(u, delta, A, B, C, D, z, initial_state, max_chunk):  # pragma: no cover - CUDA only
+def _mamba_ssm(u, delta, A, B, C, D, z, initial_state, max_chunk, delta_softplus):  # pragma: no cover - CUDA only
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     if initial_state is not None:
-        return _chunked(u, delta, A, B, C, D, z, initial_state, max_chunk)
-    y, last = selective_scan_fn(u, delta.to(u.dtype), A.float(), B, C, D, z, return_last_state=True)  # one dtype
+        return _softplus_first(_chunked)(u, delta, A, B, C, D, z, initial_state, max_chunk, delta_softplus)
+    y, last = selective_scan_fn(u, delta.to(u.dtype), A.float(), B, C, D, z, delta_softplus=delta_softplus,
+                                return_last_state=True)  # one dtype
     return y, last
 
 
@@ -141,14 +154,14 @@ def _triton(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CUDA (or the 
     return y, last.to(compute_dtype(u))
 
 
-def _fused(u, delta, A, B, C, D, z, initial_state, max_chunk):  # CPU, C++ built just in time
+def _fused(u, delta, A, B, C, D, z, initial_state, max_chunk, delta_softplus):  # CPU, C++ built just in time
     from .selective_scan_cpu import fused_selective_scan
 
-    return fused_selective_scan(u, delta, A, B, C, D, z, initial_state)
+    return fused_selective_scan(u, delta, A, B, C, D, z, initial_state, delta_softplus=delta_softplus)
 
 
-BACKENDS = {"reference": _reference, "chunked": _chunked, "fused": _fused, "mamba_ssm": _mamba_ssm,
-            "triton": _triton}
+BACKENDS = {"reference": _softplus_first(_reference), "chunked": _softplus_first(_chunked), "fused": _fused,
+            "mamba_ssm": _mamba_ssm, "triton": _softplus_first(_triton)}
 
 
 def _auto_rule(device_type: str, tracing: bool) -> str:
@@ -188,10 +201,11 @@ def selective_scan(
     return_last_state: bool = False,
     max_chunk: int = 128,
     backend: str = "auto",
+    delta_softplus: bool = False,
 ):
     """Run the selective scan; returns y (B, D, L) and, if asked, the last state (B, D, N)."""
     check_scan_shapes(u, delta, A, B, C, D, z, initial_state)
     name = OP.choose(backend, u)
-    y, last = BACKENDS[name](u, delta, A, B, C, D, z, initial_state, max_chunk)
+    y, last = BACKENDS[name](u, delta, A, B, C, D, z, initial_state, max_chunk, delta_softplus)
     y = y.to(u.dtype)
     return (y, last) if return_last_state else y

@@ -25,13 +25,13 @@ DEFAULT_TILE = 32
 
 class _FusedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, h0, tile, op):  # noqa: D102 - see fused_selective_scan
+    def forward(ctx, u, delta, A, B, C, D, z, h0, tile, op, softplus):  # noqa: D102 - see fused_selective_scan
         save = any(ctx.needs_input_grad[:8])
         ctx.set_materialize_grads(False)  # an unused last state gets no zero gradient tensor
-        y, last, ckpt = op.scan_fwd(u, delta, A, B, C, D, z, h0, tile, save)
+        y, last, ckpt = op.scan_fwd(u, delta, A, B, C, D, z, h0, tile, save, softplus)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, h0, ckpt)
-            ctx.tile, ctx.op = tile, op
+            ctx.tile, ctx.op, ctx.softplus = tile, op, softplus
         return y, last
 
     @staticmethod
@@ -40,18 +40,20 @@ class _FusedScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, h0, ckpt = ctx.saved_tensors
         dy = torch.zeros_like(u) if dy is None else dy
         dlast = None if dlast is None else dlast.contiguous()
-        du, ddelta, dA, dB, dC, dD, dz, dh0 = ctx.op.scan_bwd(u, delta, A, B, C, D, z, h0, ckpt, dy, dlast, ctx.tile)
+        du, ddelta, dA, dB, dC, dD, dz, dh0 = ctx.op.scan_bwd(u, delta, A, B, C, D, z, h0, ckpt, dy, dlast, ctx.tile,
+                                                              ctx.softplus)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-                dh0 if h0 is not None else None, None, None)
+                dh0 if h0 is not None else None, None, None, None)
 
 
 def fused_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
-                         z: Tensor | None = None, initial_state: Tensor | None = None, *, tile: int = DEFAULT_TILE,
-                         portable: bool = False) -> tuple[Tensor, Tensor]:
+                         z: Tensor | None = None, initial_state: Tensor | None = None, *, delta_softplus: bool = False,
+                         tile: int = DEFAULT_TILE, portable: bool = False) -> tuple[Tensor, Tensor]:
     """The fused scan on CPU: y (B, D, L) and the last state (B, D, N), both in the compute dtype
     (float64 for float64 u, float32 otherwise; half inputs are upcast, as the reference does).
     Differentiable in every tensor argument (first order). Raises when the op is unavailable.
-    ``portable`` runs the generic-vector build instead of the ISA-specific one (for tests)."""
+    ``delta_softplus``: the scan uses softplus(delta), computed in the kernel (torch's softplus, threshold
+    20). ``portable`` runs the generic-vector build instead of the ISA-specific one (for tests)."""
     op = require("selective scan", portable)
     check_scan_shapes(u, delta, A, B, C, D, z, initial_state)
     tensors = [t for t in (u, delta, A, B, C, D, z, initial_state) if t is not None]
@@ -67,4 +69,4 @@ def fused_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     if length == 0:  # nothing to scan: y is empty and the state passes through
         last = h0 if h0 is not None else u.new_zeros(batch, dim, A.shape[1])
         return u.new_zeros(u.shape), last
-    return _FusedScan.apply(u, delta, A, B, C, D, z, h0, tile, op)
+    return _FusedScan.apply(u, delta, A, B, C, D, z, h0, tile, op, delta_softplus)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from defocus_vlm.kernels.registry import usable
 
 from defocus_vlm.cli import build_parser, main
 
@@ -36,13 +38,15 @@ def test_kernels_reports_backends_and_env_override(capsys, monkeypatch):
 
 def test_bench_kernels_json_rows(tmp_path, capsys):
     out = tmp_path / "k.json"
-    assert main(["bench", "kernels", "--ops", "selective_scan", "retention", "--lengths", "20",
+    assert main(["bench", "kernels", "--ops", "selective_scan", "scan_softplus", "retention", "--lengths", "20",
                  "--widths", "small", "--repeats", "1", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     backends = {(r["op"], r["backend"], r["mode"]) for r in result["rows"]}
     assert ("selective_scan", "chunked", "fwd+bwd") in backends
     assert ("selective_scan", "reference", "fwd") in backends
     assert ("retention", "chunkwise", "fwd") in backends
+    if usable("selective_scan", "fused", torch.device("cpu")):  # softplus in the kernel vs torch's first
+        assert {("scan_softplus", name, "fwd+bwd") for name in ("fused", "fused_softplus_first")} <= backends
     assert all(r["ms"] > 0 for r in result["rows"])
 
 

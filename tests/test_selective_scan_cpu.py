@@ -80,6 +80,78 @@ def test_fused_strided_inputs_float64(extras):
     assert_same(strided, scan_fn("reference"), inputs)
 
 
+def raw_delta(inputs: dict, scale: float = 4.0) -> dict:
+    """delta as softplus's input: spread over both signs, with values past torch's threshold (20) and far
+    below zero, where softplus is x itself / underflows towards 0."""
+    raw = torch.randn_like(inputs["delta"]) * scale
+    flat = raw.view(-1)
+    flat[::7], flat[3::11] = 25.0, -30.0
+    return {**inputs, "delta": raw}
+
+
+def softplus_fn(backend: str, **kw):
+    def run(**inputs):
+        return selective_scan(**inputs, return_last_state=True, backend=backend, delta_softplus=True, **kw)
+
+    return run
+
+
+def softplus_first(**inputs):
+    """The definition: torch's softplus, then the reference scan."""
+    inputs = {**inputs, "delta": torch.nn.functional.softplus(inputs["delta"])}
+    return selective_scan(**inputs, return_last_state=True, backend="reference")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 13), (3, 17, 10, 70), (65, 70, 4, 9)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("extras", ["plain", "D_z_state"])
+def test_fused_softplus_in_the_kernel_float64(shape, extras):
+    """delta_softplus=True (mamba-ssm's flag): the kernel's softplus and its derivative against torch's,
+    forward and backward, with padded channel lanes, several tiles and strided delta."""
+    batch, dim, n, length = shape
+    inputs = raw_delta(scan_inputs(batch=batch, dim=dim, n=n, length=length, **options(extras)))
+    assert_same(softplus_fn("fused"), softplus_first, inputs)
+    assert_same(softplus_fn("reference"), softplus_first, inputs)
+
+    def strided(**kw):  # the model's layout: (B, D, L) view of a (B, L, D) tensor
+        kw["delta"] = kw["delta"].transpose(1, 2).contiguous().transpose(1, 2)
+        return softplus_fn("fused")(**kw)
+
+    assert_same(strided, softplus_first, inputs)
+
+
+def test_fused_softplus_float32_and_portable_build():
+    """In float32 the kernel's softplus is within a few ulp of torch's, the whole scan within the fused
+    scan's usual float32 tolerance; the portable build agrees with the default one."""
+    inputs = raw_delta(scan_inputs(batch=3, dim=40, n=16, length=50, dtype=torch.float32, D=True, z=True))
+    outs, grads = value_and_grads(softplus_fn("fused"), inputs)
+    ref_outs, ref_grads = value_and_grads(softplus_first, {k: v.double() for k, v in inputs.items()})
+    for a, b in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    for name in inputs:
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(grads[name].double(), ref_grads[name], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, n=name: f"grad {n}: {m}")
+    # softplus alone: one step from a zero state with u = B = C = 1 and A = 0 gives y = softplus(x) per channel.
+    # Against float64: within 6e-7 (5 ulp) of the value and its derivative where softplus is above 1e-4 (x > -9),
+    # 2e-6 down to 1e-16 (x = -37; the exponent's x log2(e) is rounded), where torch's is within 2e-7
+    x = torch.cat([torch.linspace(-40, 40, 4001), torch.tensor([20.0, 20.0001, 19.9999, -88.0, 88.0, 1e-7])])
+    x = x.view(1, -1, 1).requires_grad_()
+    ones = torch.ones(1, 1, 1)
+    y, _ = fused_selective_scan(torch.ones_like(x), x, torch.zeros(x.shape[1], 1), ones, ones, delta_softplus=True)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    expected = torch.nn.functional.softplus(x64)
+    (expected_gx,) = torch.autograd.grad(expected.sum(), x64)
+    for got, want in ((y, expected.detach()), (gx, expected_gx)):
+        rel = ((got.double() - want) / want).abs()
+        assert rel.max() < 2e-6 and rel[x.detach() > -9].max() < 6e-7
+    if EXT.load_error(portable=True) is None:
+        a = fused_selective_scan(**inputs, delta_softplus=True, portable=True)
+        b = fused_selective_scan(**inputs, delta_softplus=True)
+        for p, q in zip(a, b, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_float32_close_to_float64_reference():
     inputs = scan_inputs(batch=3, dim=40, n=16, length=50, dtype=torch.float32, D=True, z=True, state=True)
     outs, grads = value_and_grads(scan_fn("fused"), inputs)

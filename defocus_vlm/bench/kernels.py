@@ -2,6 +2,10 @@
 forward+backward, the backends of one op and shape interleaved (:func:`.timing.time_interleaved`);
 forward+backward differentiates a fixed random cotangent of the output (no loss ops inside the timing).
 
+``scan_softplus`` is the scan with ``delta_softplus=True`` as the mixer calls it (raw Delta a channel-last
+view): the fused backend applies the softplus inside the kernel, the others first; ``fused_softplus_first``
+is torch's softplus, then the fused scan (what the mixer did before): the two fused rows side by side.
+
 Selective-scan rows also give the bytes the op must move at least (its inputs read once, its
 outputs written once: :func:`scan_floor_bytes`), that over the time, and the time that traffic
 takes at the triad bandwidth measured in the same run (:func:`triad_bandwidth`).
@@ -26,7 +30,9 @@ from .timing import time_interleaved, triad_bandwidth
 WIDTHS = {"small": 384, "base": 768}  # model width; heads of 64, d_inner = 2 * width, d_state 16
 SCAN_STATE = 16
 GATE_GROUP = 64  # De-focus Mamba's group RMS norm size
-OPS = ("attention", "retention", "selective_scan", "causal_conv1d", "gated_norm")
+OPS = ("attention", "retention", "selective_scan", "scan_softplus", "causal_conv1d", "gated_norm")
+SCANS = ("selective_scan", "scan_softplus")
+SOFTPLUS_FIRST = "_softplus_first"
 
 
 def scan_floor_bytes(batch: int, dim: int, length: int, nstate: int, itemsize: int, backward: bool) -> int:
@@ -50,9 +56,13 @@ def op_inputs(op: str, width: int, length: int, device: torch.device, dtype: tor
         lam = torch.log(1 - 2.0 ** (-5 - torch.arange(heads, dtype=torch.float32))).to(device).requires_grad_(grad)
         return q, k, v, lam
     inner = 2 * width
-    if op == "selective_scan":
+    if op in SCANS:
         u = r(batch, inner, length)
-        delta = (torch.rand(batch, inner, length, generator=g) * 0.1).to(device, dtype).requires_grad_(grad)
+        if op == "selective_scan":  # delta already softplus'd
+            delta = (torch.rand(batch, inner, length, generator=g) * 0.1).to(device, dtype).requires_grad_(grad)
+        else:  # softplus's input, a channel-last view as the mixer passes it (dt_proj's output)
+            delta = (torch.randn(batch, length, inner, generator=g) - 2).to(device, dtype).transpose(1, 2)
+            delta.requires_grad_(grad)
         a = (-torch.arange(1, SCAN_STATE + 1, dtype=torch.float32).repeat(inner, 1)).to(device).requires_grad_(grad)
         return u, delta, a, r(batch, SCAN_STATE, length), r(batch, SCAN_STATE, length)
     # the mixer's layouts: u, z are channel-last views of in_proj's output, y is the scan's (B, D, L)
@@ -89,6 +99,12 @@ def op_calls(op: str, args, device: torch.device) -> dict[str, Callable[[], torc
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
             calls["baseline:mamba_ssm"] = lambda: selective_scan_fn(*args)
+    elif op == "scan_softplus":
+        u, delta, a, b, c = args
+        for name in SCAN_BACKENDS:
+            calls[name] = lambda n=name: selective_scan(*args, backend=n, delta_softplus=True)
+        calls["fused" + SOFTPLUS_FIRST] = lambda: selective_scan(u, torch.nn.functional.softplus(delta), a, b, c,
+                                                                 backend="fused")
     elif op == "gated_norm":
         for name in GATE_BACKENDS:
             calls[name] = lambda n=name: gated_group_rms_norm(*args, GATE_GROUP, backend=n)
@@ -127,7 +143,7 @@ def run_kernel_benchmarks(device: str = "cpu", ops: list[str] | None = None, len
     if shapes is None:
         shapes = [(1, WIDTHS[w], length) for w in widths or list(WIDTHS) for length in lengths or [197, 1024, 4096]]
     names = {v: k for k, v in WIDTHS.items()}
-    bandwidth = triad_bandwidth() if dev.type == "cpu" and "selective_scan" in ops else None
+    bandwidth = triad_bandwidth() if dev.type == "cpu" and set(SCANS) & set(ops) else None
     rows = []
     for op in ops:
         for batch, width, length in shapes:
@@ -135,9 +151,9 @@ def run_kernel_benchmarks(device: str = "cpu", ops: list[str] | None = None, len
                 args = op_inputs(op, width, length, dev, dt, backward, batch)
                 calls = {}
                 for name, call in op_calls(op, args, dev).items():
-                    if not name.startswith("baseline:") and not usable(op, name, dev):
+                    if not name.startswith("baseline:") and not usable(op, name.removesuffix(SOFTPLUS_FIRST), dev):
                         continue
-                    sequential = (op, name) in (("selective_scan", "reference"), ("retention", "recurrent"))
+                    sequential = (op, name) in (*((scan, "reference") for scan in SCANS), ("retention", "recurrent"))
                     if sequential and length > max_sequential_length:
                         continue
                     calls[name] = call
@@ -154,7 +170,7 @@ def run_kernel_benchmarks(device: str = "cpu", ops: list[str] | None = None, len
                         "speedup_vs_reference": round(ref[0] / ms, 2) if ref else None,
                         "time_ratio_to_baseline": round(ms / base[0], 2) if base else None,
                     }
-                    if op == "selective_scan":
+                    if op in SCANS:
                         moved = scan_floor_bytes(batch, 2 * width, length, SCAN_STATE, args[0].element_size(), backward)
                         row["floor_mb"] = round(moved / 1e6, 3)
                         row["floor_gb_per_s"] = round(moved / ms / 1e6, 2)

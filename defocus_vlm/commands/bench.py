@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k = sub.add_parser("kernels", help="time each kernel backend")
     add_device(k)
     k.add_argument("--ops", nargs="+", default=None,  # the names of bench.kernels.OPS (importing it loads torch)
-                   choices=["attention", "retention", "selective_scan", "causal_conv1d", "gated_norm"])
+                   choices=["attention", "retention", "selective_scan", "scan_softplus", "causal_conv1d", "gated_norm"])
     k.add_argument("--lengths", nargs="+", type=int, default=[197, 1024, 4096])
     k.add_argument("--widths", nargs="+", default=["small", "base"], choices=["small", "base"])
     k.add_argument("--repeats", type=int, default=3)

@@ -4,7 +4,8 @@
 //
 // Same semantics and layout as ``selective_scan._reference``: u, delta, z (B, D, L); A (D, N);
 // B, C (B, N, L); D (D,); initial state (B, D, N). u, delta, z, B, C and dy may have any strides;
-// the outputs are contiguous.
+// the outputs are contiguous. With `softplus`, delta is the raw input of delta = softplus(delta)
+// (mamba-ssm's delta_softplus): applied to each tile as it is loaded, and its derivative to ddelta.
 //
 // How it runs
 // - A block is W channels of one batch row (W = 4 SIMD vectors: 64 float32 / 32 float64 lanes);
@@ -303,12 +304,25 @@ template <typename T>
 struct Inputs {
   View3<T> u, delta, z, B, C;
   const T *A, *D, *h0;
+  bool softplus;
   Inputs(const at::Tensor& u_, const at::Tensor& delta_, const at::Tensor& A_, const at::Tensor& B_,
          const at::Tensor& C_, const std::optional<at::Tensor>& D_, const std::optional<at::Tensor>& z_,
-         const std::optional<at::Tensor>& h0_)
+         const std::optional<at::Tensor>& h0_, bool softplus_)
       : u(u_), delta(delta_), z(z_ ? View3<T>(*z_) : View3<T>()), B(B_), C(C_), A(A_.data_ptr<T>()),
-        D(D_ ? D_->data_ptr<T>() : nullptr), h0(h0_ ? h0_->data_ptr<T>() : nullptr) {}
+        D(D_ ? D_->data_ptr<T>() : nullptr), h0(h0_ ? h0_->data_ptr<T>() : nullptr), softplus(softplus_) {}
 };
+
+// A tile of delta into db: as it is, or softplus of the raw values, which then stay in rb (whose
+// padded lanes are 0 from the block's start, so db's are the constant softplus(0)).
+template <typename T>
+void load_delta(const Inputs<T>& a, int64_t b, int64_t d0, int64_t nvalid, int64_t t0, int64_t tl, T* db, T* rb) {
+  if (!a.softplus) {
+    load_tile(a.delta, b, d0, nvalid, t0, tl, db);
+    return;
+  }
+  load_tile(a.delta, b, d0, nvalid, t0, tl, rb);
+  for (int64_t i = 0; i < tl * W<T>; i += Simd<T>::lanes) st(db + i, vsoftplus(ld(rb + i)));
+}
 
 template <typename T>
 struct FwdArgs : Inputs<T> {
@@ -330,7 +344,8 @@ void forward_block(const Shape& s, const FwdArgs<T>& a, int64_t b, int64_t blk, 
   T* db = ub + s.tile * Wt;
   T* zb = db + s.tile * Wt;
   T* yb = zb + s.tile * Wt;
-  if (nvalid < Wt) std::fill(ub, yb + s.tile * Wt, T(0));  // padded lanes stay 0
+  T* rb = yb + s.tile * Wt;  // delta before the softplus
+  if (nvalid < Wt) std::fill(ub, rb + s.tile * Wt, T(0));  // padded lanes stay 0
   load_params(s, a.A, a.D, d0, nvalid, a_loc, a2_loc, d_loc);
   load_state(s, a.h0, b, d0, nvalid, h);
   // the lines of the next tile (or of the next block's first tile) while this one computes
@@ -345,7 +360,7 @@ void forward_block(const Shape& s, const FwdArgs<T>& a, int64_t b, int64_t blk, 
     const int64_t t0 = c * s.tile, tl = std::min(s.tile, s.length - t0);
     if (a.ckpt && c > 0) std::copy(h, h + N * Wt, a.ckpt + (((b * s.nblocks + blk) * (s.ntiles - 1)) + c - 1) * N * Wt);
     load_tile(a.u, b, d0, nvalid, t0, tl, ub);
-    load_tile(a.delta, b, d0, nvalid, t0, tl, db);
+    load_delta(a, b, d0, nvalid, t0, tl, db, rb);
     if (a.z.p) load_tile(a.z, b, d0, nvalid, t0, tl, zb);
     if (c + 1 < s.ntiles)
       fetch(b, d0, t0 + tl, std::min(s.tile, s.length - t0 - tl));
@@ -381,7 +396,7 @@ struct BwdArgs : Inputs<T> {
 
 // Workspace of backward_block, in elements of T.
 int64_t backward_workspace(const Shape& s, int64_t w) {
-  return 4 * s.nstate * w + 2 * w + (2 * s.tile + 1) * s.nstate * w + 7 * s.tile * w;
+  return 4 * s.nstate * w + 2 * w + (2 * s.tile + 1) * s.nstate * w + 8 * s.tile * w;
 }
 
 // One block's backward. Adds its share of dB / dC to dB_row / dC_row ((N, L) each) when `accumulate`,
@@ -408,9 +423,10 @@ void backward_block(const Shape& s, const BwdArgs<T>& a, int64_t b, int64_t blk,
   T* dub = gb + TW;
   T* ddb = dub + TW;
   T* dzb = ddb + TW;
+  T* rb = dzb + TW;  // delta before the softplus
   const int64_t G = (N + L - 1) / L;  // states in groups of `lanes` for reduce_rows
   V* part = part_buf.data();  // (2, G * lanes): one step's per-lane partial sums of dB, dC (padding stays 0)
-  if (nvalid < Wt) std::fill(ub, dzb + TW, T(0));  // padded lanes stay 0
+  if (nvalid < Wt) std::fill(ub, rb + TW, T(0));  // padded lanes stay 0
   std::fill(dA_acc, dA_acc + N * Wt + Wt, T(0));
   const Masks<T>& m = masks<T>();
   load_params(s, a.A, a.D, d0, nvalid, a_loc, a2_loc, d_loc);
@@ -433,7 +449,7 @@ void backward_block(const Shape& s, const BwdArgs<T>& a, int64_t b, int64_t blk,
       std::copy(ck, ck + N * Wt, hs);
     }
     load_tile(a.u, b, d0, nvalid, t0, tl, ub);
-    load_tile(a.delta, b, d0, nvalid, t0, tl, db);
+    load_delta(a, b, d0, nvalid, t0, tl, db, rb);
     load_tile(a.dy, b, d0, nvalid, t0, tl, gb);
     if (a.z.p) load_tile(a.z, b, d0, nvalid, t0, tl, zb);
     if (c > 0) {
@@ -506,7 +522,8 @@ void backward_block(const Shape& s, const BwdArgs<T>& a, int64_t b, int64_t blk,
       for (int64_t k = 0; k < K; ++k) {
         const int64_t o = t * Wt + k * L;
         st(dub + o, gB[k] * dt[k] + gy[k] * ld(d_loc + k * L));
-        st(ddb + o, gB[k] * ut[k] + q[k]);
+        const V dd = gB[k] * ut[k] + q[k];
+        st(ddb + o, a.softplus ? dd * vsoftplus_grad(ld(rb + o)) : dd);
         st(dD_acc + k * L, ld(dD_acc + k * L) + gy[k] * ut[k]);
       }
     }
@@ -547,12 +564,13 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
 template <typename T>
 void run_fwd(const Shape& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
              const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-             const std::optional<at::Tensor>& h0, at::Tensor& y, at::Tensor& last, at::Tensor& ckpt, bool save) {
-  FwdArgs<T> a(u, delta, A, B, C, D, z, h0);
+             const std::optional<at::Tensor>& h0, at::Tensor& y, at::Tensor& last, at::Tensor& ckpt, bool save,
+             bool softplus) {
+  FwdArgs<T> a(u, delta, A, B, C, D, z, h0, softplus);
   a.y = y.data_ptr<T>();
   a.last = last.data_ptr<T>();
   a.ckpt = save && s.ntiles > 1 ? ckpt.data_ptr<T>() : nullptr;
-  const int64_t ws_size = 3 * s.nstate * W<T> + W<T> + 4 * s.tile * W<T>;
+  const int64_t ws_size = 3 * s.nstate * W<T> + W<T> + 5 * s.tile * W<T>;
   at::parallel_for(0, s.batch * s.nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ws(ws_size);
     for (int64_t i = begin; i < end; ++i) forward_block(s, a, i / s.nblocks, i % s.nblocks, i + 1 < end ? i + 1 : -1, ws);
@@ -565,7 +583,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, con
                                                          const at::Tensor& C, const std::optional<at::Tensor>& D,
                                                          const std::optional<at::Tensor>& z,
                                                          const std::optional<at::Tensor>& h0, int64_t tile,
-                                                         bool save) {
+                                                         bool save, bool softplus) {
   check_inputs(u, delta, A, B, C, D, z, h0, tile);
   const bool dbl = u.scalar_type() == at::kDouble;
   const Shape s = dbl ? shape_of<double>(u, A, tile) : shape_of<float>(u, A, tile);
@@ -574,9 +592,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, con
   auto ckpt = at::empty({save ? s.batch : 0, s.nblocks, std::max<int64_t>(s.ntiles - 1, 0), s.nstate,
                          dbl ? W<double> : W<float>}, u.options());
   if (dbl)
-    run_fwd<double>(s, u, delta, A, B, C, D, z, h0, y, last, ckpt, save);
+    run_fwd<double>(s, u, delta, A, B, C, D, z, h0, y, last, ckpt, save, softplus);
   else
-    run_fwd<float>(s, u, delta, A, B, C, D, z, h0, y, last, ckpt, save);
+    run_fwd<float>(s, u, delta, A, B, C, D, z, h0, y, last, ckpt, save, softplus);
   return {y, last, ckpt};
 }
 
@@ -587,7 +605,7 @@ template <typename T>
 Grads run_bwd(const Shape& s, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
               const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
               const std::optional<at::Tensor>& h0, const at::Tensor& ckpt, const at::Tensor& dy,
-              const std::optional<at::Tensor>& dlast) {
+              const std::optional<at::Tensor>& dlast, bool softplus) {
   const auto opt = u.options();
   const int64_t NL = s.nstate * s.length;
   auto du = at::empty({s.batch, s.dim, s.length}, opt);
@@ -598,7 +616,7 @@ Grads run_bwd(const Shape& s, const at::Tensor& u, const at::Tensor& delta, cons
   auto dBC = at::empty({2, s.batch, s.groups, s.nstate, s.length}, opt);
   auto dD_part = at::empty({D ? s.batch : 0, s.dim}, opt);
   auto dh0 = at::empty({h0 ? s.batch : 0, s.dim, s.nstate}, opt);
-  BwdArgs<T> a(u, delta, A, B, C, D, z, h0);
+  BwdArgs<T> a(u, delta, A, B, C, D, z, h0, softplus);
   a.dy = View3<T>(dy);
   a.ckpt = s.ntiles > 1 ? ckpt.data_ptr<T>() : nullptr;
   a.dlast = dlast ? dlast->data_ptr<T>() : nullptr;
@@ -675,7 +693,7 @@ Grads run_bwd(const Shape& s, const at::Tensor& u, const at::Tensor& delta, cons
 Grads scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                const std::optional<at::Tensor>& h0, const at::Tensor& ckpt, const at::Tensor& dy,
-               const std::optional<at::Tensor>& dlast, int64_t tile) {
+               const std::optional<at::Tensor>& dlast, int64_t tile, bool softplus) {
   check_inputs(u, delta, A, B, C, D, z, h0, tile);
   const bool dbl = u.scalar_type() == at::kDouble;
   const Shape s = dbl ? shape_of<double>(u, A, tile) : shape_of<float>(u, A, tile);
@@ -688,8 +706,8 @@ Grads scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
     TORCH_CHECK(dlast->is_contiguous() && dlast->scalar_type() == u.scalar_type() &&
                     dlast->sizes() == at::IntArrayRef({s.batch, s.dim, s.nstate}),
                 "the last state's gradient must be contiguous (B, D, N) of u's dtype");
-  return dbl ? run_bwd<double>(s, u, delta, A, B, C, D, z, h0, ckpt, dy, dlast)
-             : run_bwd<float>(s, u, delta, A, B, C, D, z, h0, ckpt, dy, dlast);
+  return dbl ? run_bwd<double>(s, u, delta, A, B, C, D, z, h0, ckpt, dy, dlast, softplus)
+             : run_bwd<float>(s, u, delta, A, B, C, D, z, h0, ckpt, dy, dlast, softplus);
 }
 
 // Which exp / 2^k code this build uses (the tests compare the portable build with the default one).
@@ -705,10 +723,10 @@ std::string variant() {
 
 TORCH_LIBRARY(DEFOCUS_CPU_NAMESPACE, m) {
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? h0, int tile, "
-        "bool save) -> (Tensor, Tensor, Tensor)");
+        "bool save, bool softplus) -> (Tensor, Tensor, Tensor)");
   m.def("scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? h0, "
-        "Tensor ckpt, Tensor dy, Tensor? dlast, int tile) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-        "Tensor, Tensor)");
+        "Tensor ckpt, Tensor dy, Tensor? dlast, int tile, bool softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor)");
   m.def("variant", &variant);
 }
 
