@@ -80,6 +80,20 @@ def test_fused_strided_inputs_float64(extras):
     assert_same(strided, scan_fn("reference"), inputs)
 
 
+def assert_float32_close_to_float64(fn, ref_fn, inputs: dict) -> None:
+    """fn on float32 inputs: float32 outputs and gradients within the fused scan's float32 tolerance of ref_fn
+    on the same inputs in float64."""
+    outs, grads = value_and_grads(fn, inputs)
+    ref_outs, ref_grads = value_and_grads(ref_fn, {k: v.double() for k, v in inputs.items()})
+    assert all(o.dtype == torch.float32 for o in outs)
+    for a, b in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    for name in inputs:
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(grads[name].double(), ref_grads[name], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, n=name: f"grad {n}: {m}")
+
+
 def raw_delta(inputs: dict, scale: float = 4.0) -> dict:
     """delta as softplus's input: spread over both signs, with values past torch's threshold (20) and far
     below zero, where softplus is x itself / underflows towards 0."""
@@ -123,14 +137,7 @@ def test_fused_softplus_float32_and_portable_build():
     """In float32 the kernel's softplus is within a few ulp of torch's, the whole scan within the fused
     scan's usual float32 tolerance; the portable build agrees with the default one."""
     inputs = raw_delta(scan_inputs(batch=3, dim=40, n=16, length=50, dtype=torch.float32, D=True, z=True))
-    outs, grads = value_and_grads(softplus_fn("fused"), inputs)
-    ref_outs, ref_grads = value_and_grads(softplus_first, {k: v.double() for k, v in inputs.items()})
-    for a, b in zip(outs, ref_outs, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-    for name in inputs:
-        scale = ref_grads[name].abs().max().item()
-        torch.testing.assert_close(grads[name].double(), ref_grads[name], rtol=1e-4, atol=1e-5 * scale,
-                                   msg=lambda m, n=name: f"grad {n}: {m}")
+    assert_float32_close_to_float64(softplus_fn("fused"), softplus_first, inputs)
     # softplus alone: one step from a zero state with u = B = C = 1 and A = 0 gives y = softplus(x) per channel.
     # Against float64: within 6e-7 (5 ulp) of the value and its derivative where softplus is above 1e-4 (x > -9),
     # 2e-6 down to 1e-16 (x = -37; the exponent's x log2(e) is rounded), where torch's is within 2e-7
@@ -154,15 +161,7 @@ def test_fused_softplus_float32_and_portable_build():
 
 def test_fused_float32_close_to_float64_reference():
     inputs = scan_inputs(batch=3, dim=40, n=16, length=50, dtype=torch.float32, D=True, z=True, state=True)
-    outs, grads = value_and_grads(scan_fn("fused"), inputs)
-    ref_outs, ref_grads = value_and_grads(scan_fn("reference"), {k: v.double() for k, v in inputs.items()})
-    assert all(o.dtype == torch.float32 for o in outs)
-    for a, b in zip(outs, ref_outs, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-    for name in inputs:
-        scale = ref_grads[name].abs().max().item()
-        torch.testing.assert_close(grads[name].double(), ref_grads[name], rtol=1e-4, atol=1e-5 * scale,
-                                   msg=lambda m, n=name: f"grad {n}: {m}")
+    assert_float32_close_to_float64(scan_fn("fused"), scan_fn("reference"), inputs)
 
 
 def test_fused_bf16_inputs_match_fp32_reference():
