@@ -18,6 +18,7 @@ from .focus import METRICS, FocusImage, ModelFocus, image_tag
 
 TOKEN_MAPS = {"receptive_field": "receptive field r", "gradient": "gradient map g"}
 _PANEL = 1.9  # inches per panel
+_TITLE = 0.3  # inches above each row of panels for their titles (else they overlap the row above)
 
 
 def _pyplot():
@@ -58,7 +59,8 @@ def _grid(results: Sequence[ModelFocus], columns_per_layer: int, lead_columns: i
     plt = _pyplot()
     cols = lead_columns + columns_per_layer * max(len(r.layers) for r in results)
     width = _PANEL * max(cols, 3)  # room for the title and the row labels
-    fig, axes = plt.subplots(len(results), cols, figsize=(width, _PANEL * len(results) + 0.4), squeeze=False)
+    height = (_PANEL + _TITLE) * len(results) + 0.4
+    fig, axes = plt.subplots(len(results), cols, figsize=(width, height), squeeze=False)
     for ax in axes.flat:
         _bare(ax)
         ax.set_frame_on(False)
