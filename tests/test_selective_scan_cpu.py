@@ -139,8 +139,7 @@ def test_fused_softplus_float32_and_portable_build():
     inputs = raw_delta(scan_inputs(batch=3, dim=40, n=16, length=50, dtype=torch.float32, D=True, z=True))
     assert_float32_close_to_float64(softplus_fn("fused"), softplus_first, inputs)
     # softplus alone: one step from a zero state with u = B = C = 1 and A = 0 gives y = softplus(x) per channel.
-    # Against float64: within 6e-7 (5 ulp) of the value and its derivative where softplus is above 1e-4 (x > -9),
-    # 2e-6 down to 1e-16 (x = -37; the exponent's x log2(e) is rounded), where torch's is within 2e-7
+    # Against float64: the value and its derivative within 4e-7 (about 3 ulp) everywhere, down to 1e-38 (x = -88)
     x = torch.cat([torch.linspace(-40, 40, 4001), torch.tensor([20.0, 20.0001, 19.9999, -88.0, 88.0, 1e-7])])
     x = x.view(1, -1, 1).requires_grad_()
     ones = torch.ones(1, 1, 1)
@@ -151,7 +150,7 @@ def test_fused_softplus_float32_and_portable_build():
     (expected_gx,) = torch.autograd.grad(expected.sum(), x64)
     for got, want in ((y, expected.detach()), (gx, expected_gx)):
         rel = ((got.double() - want) / want).abs()
-        assert rel.max() < 2e-6 and rel[x.detach() > -9].max() < 6e-7
+        assert rel.max() < 4e-7
     if EXT.load_error(portable=True) is None:
         a = fused_selective_scan(**inputs, delta_softplus=True, portable=True)
         b = fused_selective_scan(**inputs, delta_softplus=True)

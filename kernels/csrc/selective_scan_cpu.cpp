@@ -312,16 +312,22 @@ struct Inputs {
         D(D_ ? D_->data_ptr<T>() : nullptr), h0(h0_ ? h0_->data_ptr<T>() : nullptr), softplus(softplus_) {}
 };
 
-// A tile of delta into db: as it is, or softplus of the raw values, which then stay in rb (whose
-// padded lanes are 0 from the block's start, so db's are the constant softplus(0)).
+// A tile of delta into db: as it is, or softplus of the raw values loaded into rb, which then holds
+// softplus's derivative when `grad`. Padded lanes (0 at the block's start) keep finite values there, and
+// with u and A 0 in those lanes their delta changes nothing.
 template <typename T>
-void load_delta(const Inputs<T>& a, int64_t b, int64_t d0, int64_t nvalid, int64_t t0, int64_t tl, T* db, T* rb) {
+void load_delta(const Inputs<T>& a, int64_t b, int64_t d0, int64_t nvalid, int64_t t0, int64_t tl, T* db, T* rb,
+                bool grad) {
   if (!a.softplus) {
     load_tile(a.delta, b, d0, nvalid, t0, tl, db);
     return;
   }
   load_tile(a.delta, b, d0, nvalid, t0, tl, rb);
-  for (int64_t i = 0; i < tl * W<T>; i += Simd<T>::lanes) st(db + i, vsoftplus(ld(rb + i)));
+  for (int64_t i = 0; i < tl * W<T>; i += Simd<T>::lanes) {
+    typename Simd<T>::V g;
+    st(db + i, vsoftplus(ld(rb + i), grad ? &g : nullptr));
+    if (grad) st(rb + i, g);
+  }
 }
 
 template <typename T>
@@ -360,7 +366,7 @@ void forward_block(const Shape& s, const FwdArgs<T>& a, int64_t b, int64_t blk, 
     const int64_t t0 = c * s.tile, tl = std::min(s.tile, s.length - t0);
     if (a.ckpt && c > 0) std::copy(h, h + N * Wt, a.ckpt + (((b * s.nblocks + blk) * (s.ntiles - 1)) + c - 1) * N * Wt);
     load_tile(a.u, b, d0, nvalid, t0, tl, ub);
-    load_delta(a, b, d0, nvalid, t0, tl, db, rb);
+    load_delta(a, b, d0, nvalid, t0, tl, db, rb, false);
     if (a.z.p) load_tile(a.z, b, d0, nvalid, t0, tl, zb);
     if (c + 1 < s.ntiles)
       fetch(b, d0, t0 + tl, std::min(s.tile, s.length - t0 - tl));
@@ -423,7 +429,7 @@ void backward_block(const Shape& s, const BwdArgs<T>& a, int64_t b, int64_t blk,
   T* dub = gb + TW;
   T* ddb = dub + TW;
   T* dzb = ddb + TW;
-  T* rb = dzb + TW;  // delta before the softplus
+  T* rb = dzb + TW;  // delta before the softplus, then its derivative
   const int64_t G = (N + L - 1) / L;  // states in groups of `lanes` for reduce_rows
   V* part = part_buf.data();  // (2, G * lanes): one step's per-lane partial sums of dB, dC (padding stays 0)
   if (nvalid < Wt) std::fill(ub, rb + TW, T(0));  // padded lanes stay 0
@@ -449,7 +455,7 @@ void backward_block(const Shape& s, const BwdArgs<T>& a, int64_t b, int64_t blk,
       std::copy(ck, ck + N * Wt, hs);
     }
     load_tile(a.u, b, d0, nvalid, t0, tl, ub);
-    load_delta(a, b, d0, nvalid, t0, tl, db, rb);
+    load_delta(a, b, d0, nvalid, t0, tl, db, rb, true);
     load_tile(a.dy, b, d0, nvalid, t0, tl, gb);
     if (a.z.p) load_tile(a.z, b, d0, nvalid, t0, tl, zb);
     if (c > 0) {
@@ -523,7 +529,7 @@ void backward_block(const Shape& s, const BwdArgs<T>& a, int64_t b, int64_t blk,
         const int64_t o = t * Wt + k * L;
         st(dub + o, gB[k] * dt[k] + gy[k] * ld(d_loc + k * L));
         const V dd = gB[k] * ut[k] + q[k];
-        st(ddb + o, a.softplus ? dd * vsoftplus_grad(ld(rb + o)) : dd);
+        st(ddb + o, a.softplus ? dd * ld(rb + o) : dd);  // rb: softplus's derivative
         st(dD_acc + k * L, ld(dD_acc + k * L) + gy[k] * ut[k]);
       }
     }
