@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -317,7 +318,7 @@ def table(results: dict, keys: list[str], groups: list[str] | None = None, per_s
 def write_results(plan: dict, jobs: list[Job]) -> None:
     path = ROOT / plan["results"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per runner: two runners may finish runs at once
     tmp.write_text(json.dumps(collect(plan, jobs), indent=1) + "\n")
     tmp.replace(path)
 
