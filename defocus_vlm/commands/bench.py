@@ -4,7 +4,8 @@ Small preset next to timm's deit_small_patch16_224, plus the streaming step time
 VLM's time to first token after an image's last patch, streaming prefill vs one shot. ``gpu``: the
 prepared GPU check (correctness, kernel speed, training throughput, streaming; one JSON and a
 Markdown table; see benchmarks/gpu/README.md), or its CPU dry run with ``--dry-run``. ``train``: img/s of
-``train classification``'s step beside a bare PyTorch loop and timm, with the phase split. The benchmarks
+``train classification``'s step beside a bare PyTorch loop and timm, with the phase split. ``models``: the
+model alone, a config and its variants (pieces switched off) beside timm's ViT of the same dims. The benchmarks
 themselves live in :mod:`defocus_vlm.bench`, the GPU check in :mod:`defocus_vlm.gpu_check`."""
 
 from __future__ import annotations
@@ -70,6 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="extra project contenders under DEFOCUS_KERNELS=SPEC (e.g. selective_scan=reference)")
     t.add_argument("--pil", action="store_true", help="extra project contender on the per-image PIL data path")
     add_output_file(t)
+    m = sub.add_parser("models", help="the model alone: a config and its variants beside timm's ViT, interleaved")
+    m.add_argument("--config", default="fashion_defocus_vit", help="a classification run config (name or file)")
+    m.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides (every contender)")
+    m.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME [KEY=VALUE | kernels=SPEC]",
+                   help="one more contender: the config with these overrides on top (kernels=SPEC: "
+                        "DEFOCUS_KERNELS=SPEC around its calls); repeat for more")
+    m.add_argument("--no-timm", dest="timm", action="store_false", help="leave out timm's ViT of the same dims")
+    m.add_argument("--inference", action="store_true", help="forward only, in eval and inference mode")
+    m.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
+    m.add_argument("--repeats", type=int, default=9, help="interleaved rounds (medians)")
+    add_device(m)
+    add_output_file(m)
 
 
 def _emit(result: dict, out: str | None) -> None:
@@ -86,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_gpu_check(args)
     if args.what == "train":
         return _run_train(args)
+    if args.what == "models":
+        return _run_models(args)
     from defocus_vlm.inference import resolve_device
 
     device = str(resolve_device(args.device))
@@ -116,6 +131,18 @@ def _run_train(args: argparse.Namespace) -> int:
     progress = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     result = run_train_benchmark(args.config, args.overrides, args.device, args.steps, args.rounds, args.kernels,
                                  args.pil, progress)
+    _emit(result, args.output)
+    print(table(result), file=sys.stderr)
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from defocus_vlm.bench.models import run_model_benchmark, table
+    from defocus_vlm.inference import resolve_device
+
+    progress = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    result = run_model_benchmark(args.config, args.overrides, args.variant, args.timm, args.inference,
+                                 args.batch_size, args.repeats, str(resolve_device(args.device)), progress=progress)
     _emit(result, args.output)
     print(table(result), file=sys.stderr)
     return 0
