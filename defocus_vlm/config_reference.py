@@ -92,7 +92,7 @@ def _valid(field: dataclasses.Field) -> str:
     return "" if valid is None else f"`{valid}`".replace("|", "\\|")
 
 
-def field_rows(cls: type, prefix: str = "", defaults=None) -> list[tuple[str, str, str, str]]:
+def field_rows(cls: type, prefix: str = "", defaults: object | None = None) -> list[tuple[str, str, str, str]]:
     """(dotted name, default, valid values, meaning) for every field, nested dataclasses flattened (the
     shared optimiser / training-loop sections are documented once, on their own). ``defaults``: an
     instance whose values are the defaults (a stage's own, e.g. its tower preset), else ``cls()``."""

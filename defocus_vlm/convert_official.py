@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 
@@ -72,7 +73,7 @@ class _RefusedGlobal(pickle.UnpicklingError):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # every global a pickle can name passes through here
+    def find_class(self, module: str, name: str) -> object:  # every global a pickle can name passes through here
         target = _ALLOWED_GLOBALS.get(f"{module}.{name}")
         if target is None:
             raise _RefusedGlobal(f"{module}.{name}")
@@ -85,7 +86,7 @@ class _RestrictedPickle:
     Unpickler = _RestrictedUnpickler
 
     @staticmethod
-    def load(file, **kwargs):
+    def load(file: IO[bytes], **kwargs: Any) -> Any:
         return _RestrictedUnpickler(file, **kwargs).load()
 
 

@@ -71,7 +71,7 @@ def _array_to_pil(arr: np.ndarray, int_range: int | None = None) -> Image.Image:
     return Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
-def to_pil(image, channels: int = 3) -> Image.Image:
+def to_pil(image: Image.Image | np.ndarray | torch.Tensor | str | os.PathLike, channels: int = 3) -> Image.Image:
     """Convert to mode "RGB" (channels=3) or "L" (channels=1).
 
     Grey, palette, RGBA/LA (alpha composited on white), CMYK, 16-bit and float images are

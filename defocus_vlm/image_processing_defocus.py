@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from PIL import Image
@@ -56,7 +60,13 @@ class DefocusImageProcessor(BaseImageProcessor):
         arr = (arr - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return arr.transpose(2, 0, 1)
 
-    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    def preprocess(
+        self,
+        images: Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
+        | Sequence[Image.Image | np.ndarray | torch.Tensor | str | os.PathLike],
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
         if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,9 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_clip import DefocusCLIPConfig
 from .modeling_defocus import DefocusVisionModel
 from .remote_code import RemoteCodeMixin
+
+if TYPE_CHECKING:
+    from transformers.image_processing_utils import BaseImageProcessor
 
 
 @dataclass
@@ -122,7 +126,7 @@ class DefocusCLIPModel(DefocusCLIPPreTrainedModel):
         tower.eval()
         self._locked.add(name)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Self:
         super().train(mode)
         for name in self._locked:  # no dropout / drop path in a frozen tower
             getattr(self, name).eval()
@@ -131,7 +135,8 @@ class DefocusCLIPModel(DefocusCLIPPreTrainedModel):
     def _grad_context(self, name: str):
         return torch.no_grad() if name in self._locked else nullcontext()
 
-    def save_image_tower(self, save_directory: str | os.PathLike, image_processor=None) -> None:
+    def save_image_tower(self, save_directory: str | os.PathLike,
+                         image_processor: BaseImageProcessor | None = None) -> None:
         """Write the image tower as a standalone ``DefocusVisionModel`` directory (``AutoModel``
         loads it; stage 3 starts from it), with ``image_processor`` when given."""
         self.vision_model.save_pretrained(save_directory)

@@ -11,8 +11,10 @@ forward.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -148,7 +150,8 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         # length of an all-recurrent DynamicCache (it raises), so generate must not pre-build one.
         return not self._is_stateful
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, is_main_process: bool = True,
+                        **kwargs: Any) -> None:
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             import transformers
@@ -393,8 +396,9 @@ class DefocusVLMForConditionalGeneration(DefocusVLMPreTrainedModel, GenerationMi
         return DefocusVLMOutput(logits=prefill.logits(), **{CACHE_NAME: prefill.cache})
 
     # ------------------------------------------------------------------ generation
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_chunk_size=None, inputs_embeds=None,
-                                      is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                                      image_chunk_size: int | None = None, inputs_embeds: torch.Tensor | None = None,
+                                      is_first_iteration: bool = False, **kwargs: Any) -> dict[str, Any]:
         # inputs_embeds named here: generate accepts them (with pixel_values too) only from a model that does
         model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds,
                                                              is_first_iteration=is_first_iteration, **kwargs)

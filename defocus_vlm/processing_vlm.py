@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +140,8 @@ class DefocusVLMProcessor(ProcessorMixin):
         return cls(image_processor, tokenizer, config=config, **kwargs)
 
     @classmethod
-    def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+    def get_processor_dict(cls, pretrained_model_name_or_path: str | os.PathLike,
+                           **kwargs: Any) -> tuple[dict, dict]:
         """transformers' reading of ``processor_config.json``, plus the model's config as ``config`` (the layout
         copies older versions saved there are dropped: the model's config.json is what the model runs with)."""
         processor_dict, rest = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)

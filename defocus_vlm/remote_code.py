@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 SHIM = "defocus_remote.py"
 _EXPORTS = (
@@ -39,7 +40,8 @@ class RemoteCodeMixin:
         """Auto class -> class name of this package, for config.json's ``auto_map``."""
         raise NotImplementedError
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, is_main_process: bool = True,
+                        **kwargs: Any) -> None:
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             write_remote_code(save_directory, self.remote_auto_map(), "config.json")

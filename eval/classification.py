@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from defocus_vlm.cli_options import add_device, add_output_file
 
 
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
     """Number of samples whose target is among the k highest logits, for each k (k is capped at
     the number of classes). Ties are broken by the lower class index."""
     if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
@@ -36,7 +37,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict
     return out
 
 
-def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Top-k accuracy in percent."""
     n = targets.shape[0]
     return (
@@ -55,12 +56,12 @@ def summarize(correct: dict[int, int], total: int) -> dict:
 
 @torch.no_grad()
 def evaluate(
-    model,
-    loader,
+    model: torch.nn.Module,
+    loader: Iterable[Sequence[torch.Tensor]],
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
-    ks=(1, 5),
-    reduce=None,
+    ks: Sequence[int] = (1, 5),
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Run ``model`` (a classifier returning ``.logits``) over ``loader`` of (pixels, labels, ...)
     batches. ``reduce`` sums a count tensor across processes (distributed evaluation)."""

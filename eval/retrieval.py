@@ -15,11 +15,18 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .classification import add_run_arguments, write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from defocus_vlm.data.pairs import PairDataset
+    from defocus_vlm.modeling_clip import DefocusCLIPModel
 
 
 def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, int]:
@@ -63,7 +70,8 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, pos
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset, tokenizer, max_length: int, device: torch.device | str = "cpu",
+def evaluate_retrieval(model: DefocusCLIPModel, dataset: PairDataset, tokenizer: PreTrainedTokenizerBase,
+                       max_length: int, device: torch.device | str = "cpu",
                        dtype: torch.dtype | None = None, batch_size: int = 256, num_workers: int = 0,
                        ks: Sequence[int] = (1, 5, 10)) -> dict:
     """Retrieval recall on a :class:`~defocus_vlm.data.pairs.PairDataset`; each distinct caption is

@@ -11,13 +11,19 @@ classes of a ``defocus-vlm data easy-vqa`` export's ``classes/`` folder. ImageNe
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .classification import add_labelled_data_arguments, summarize, topk_correct, write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from defocus_vlm.modeling_clip import DefocusCLIPModel
 
 # A few generic prompt templates for ImageNet-style photos (ensembled).
 IMAGENET_TEMPLATES = [
@@ -76,8 +82,9 @@ def load_templates(spec: str | None, classnames: str) -> list[str]:
 
 
 @torch.no_grad()
-def text_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str],
-                    device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
+def text_classifier(model: DefocusCLIPModel, tokenizer: PreTrainedTokenizerBase, classnames: Sequence[str],
+                    templates: Sequence[str], device: torch.device | str = "cpu",
+                    batch_size: int = 256) -> torch.Tensor:
     """(C, D) unit vectors: per class, the normalised mean of its normalised prompt embeddings."""
     prompts = [t.format(name) for name in classnames for t in templates]
     embeds = []
@@ -91,7 +98,9 @@ def text_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequ
 
 
 @torch.no_grad()
-def image_embeddings(model, loader, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+def image_embeddings(model: DefocusCLIPModel, loader: Iterable[Sequence[torch.Tensor]],
+                     device: torch.device | str = "cpu",
+                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised image embeddings (N, D) and labels (N,) of a loader of ``(pixels, label, ...)`` batches."""
     feats, labels = [], []
     for batch in loader:
@@ -101,9 +110,10 @@ def image_embeddings(model, loader, device: torch.device | str = "cpu", dtype: t
     return torch.cat(feats), torch.cat(labels)
 
 
-def evaluate_zeroshot(model, tokenizer, dataset, classnames: Sequence[str], templates: Sequence[str],
+def evaluate_zeroshot(model: DefocusCLIPModel, tokenizer: PreTrainedTokenizerBase,
+                      dataset: torch.utils.data.Dataset, classnames: Sequence[str], templates: Sequence[str],
                       device: torch.device | str = "cpu", dtype: torch.dtype | None = None, batch_size: int = 256,
-                      num_workers: int = 0, ks=(1, 5)) -> dict:
+                      num_workers: int = 0, ks: Sequence[int] = (1, 5)) -> dict:
     """Zero-shot top-k (percent) on ``dataset`` of ``(pixels, label, ...)`` items."""
     was_training = model.training
     model.eval()

@@ -123,12 +123,12 @@ def fused_available() -> bool:
     return load_error() is None
 
 
-def ops(portable: bool = False):
+def ops(portable: bool = False) -> torch._ops._OpNamespace:
     """The op namespace of a loaded build (``scan_fwd``, ``conv_fwd``, ``gate_fwd``, ...)."""
     return getattr(torch.ops, _namespace(portable))
 
 
-def require(what: str, portable: bool = False):
+def require(what: str, portable: bool = False) -> torch._ops._OpNamespace:
     """``ops(portable)``, or a RuntimeError naming ``what`` and why the build is unusable here."""
     error = load_error(portable)
     if error is not None:

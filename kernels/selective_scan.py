@@ -202,7 +202,7 @@ def selective_scan(
     max_chunk: int = 128,
     backend: str = "auto",
     delta_softplus: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the selective scan; returns y (B, D, L) and, if asked, the last state (B, D, N)."""
     check_scan_shapes(u, delta, A, B, C, D, z, initial_state)
     name = OP.choose(backend, u)

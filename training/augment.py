@@ -4,6 +4,8 @@ turned back to grey before normalisation."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torchvision import transforms as T
 
@@ -12,6 +14,11 @@ from defocus_vlm.image_io import to_pil
 
 from .config import AugmentConfig, DataConfig
 
+if TYPE_CHECKING:
+    from timm.data import Mixup
+
+    from defocus_vlm.image_processing_defocus import DefocusImageProcessor
+
 
 def mean_std(data: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if data.mean is not None and data.std is not None:
@@ -19,7 +26,7 @@ def mean_std(data: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return default_normalisation(data.in_chans)
 
 
-def image_processor(data: DataConfig):
+def image_processor(data: DataConfig) -> DefocusImageProcessor:
     """The evaluation transform, as the processor that is exported with the model."""
     from defocus_vlm import DefocusImageProcessor
 
@@ -93,7 +100,7 @@ class TrainTransform:
         return self.erase(x) if self.erase is not None else x
 
 
-def build_mixup(aug: AugmentConfig, num_classes: int):
+def build_mixup(aug: AugmentConfig, num_classes: int) -> Mixup | None:
     """timm Mixup (mixup / cutmix + label smoothing) or None when both alphas are 0."""
     if aug.mixup <= 0 and aug.cutmix <= 0:
         return None
@@ -117,7 +124,8 @@ def smooth_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
     return target.scatter_(1, labels[:, None], 1.0 - smoothing + off)
 
 
-def make_targets(images: torch.Tensor, labels: torch.Tensor, mixup, aug: AugmentConfig, num_classes: int):
+def make_targets(images: torch.Tensor, labels: torch.Tensor, mixup: Mixup | None, aug: AugmentConfig,
+                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     if mixup is not None:
         return mixup(images, labels)
     if aug.label_smoothing > 0:

@@ -23,7 +23,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .engine import barrier
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 LOOP_STATE, EMA_FILE, CONFIG_FILE = "loop_state.json", "ema.safetensors", "config.yaml"
 # module -> classes that DeepSpeed (0.1x) pickles into its checkpoint files besides tensors and containers
@@ -76,7 +79,7 @@ class _SafeCheckpointEngine:
     def __init__(self, inner):
         self._inner, self._allowed = inner, _deepspeed_globals()
 
-    def load(self, path: str, map_location=None):
+    def load(self, path: str, map_location: Any = None) -> Any:
         return safe_load(path, map_location, self._allowed)
 
     def __getattr__(self, name: str):
@@ -140,7 +143,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, root: str | os.PathLike, step: int, loop_state: dict, ema: dict | None = None,
+def save(engine: DeepSpeedEngine, root: str | os.PathLike, step: int, loop_state: dict, ema: dict | None = None,
          config_text: str = "", keep: int = 2) -> Path:
     """Checkpoint ``step``: the engine, ``loop_state`` (JSON-able), the EMA weights and this process's
     RNG; the oldest checkpoints beyond ``keep`` are removed (0 = keep all)."""
@@ -189,7 +192,7 @@ def latest_dir(root: str | os.PathLike) -> Path | None:
     return None if tag is None else Path(root) / tag
 
 
-def load(engine, root: str | os.PathLike) -> dict | None:
+def load(engine: DeepSpeedEngine, root: str | os.PathLike) -> dict | None:
     """Load the latest checkpoint into the engine and this process's RNG; returns the loop state with
     ``ema`` (a state dict or None) added; None when there is no checkpoint yet."""
     path = latest_dir(root)

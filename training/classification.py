@@ -5,9 +5,10 @@ a summary with the per-step losses (used by the tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,6 +26,11 @@ from .export import export_model
 from .fields import choice
 from .loop import StageTask, StepContext, reduce_count, run_stage
 from .towers import is_export, load_encoder, load_weights, refuse_reshaped, saved_model_type, tower_config
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from defocus_vlm.configuration_defocus import DefocusVisionConfig
 
 
 @dataclass
@@ -61,7 +67,7 @@ class _EvalSampler(torch.utils.data.Sampler):
         return iter(self.idx)
 
 
-def build_model_config(cfg: ClassificationRunConfig, classes: list[str], saved: Any = None):
+def build_model_config(cfg: ClassificationRunConfig, classes: list[str], saved: Any = None) -> DefocusVisionConfig:
     """The classifier's DefocusVisionConfig: the tower's (a preset's, or an export's ``saved`` config) with
     ``model.vision.overrides``, and the classes, image size and channels of the data."""
     id2label = {i: name for i, name in enumerate(classes)}
@@ -111,7 +117,7 @@ class ClassificationTask(StageTask):
             return None
         return DecodedDataset(*decoded, BatchAugment(d, aug, *mean_std(d)), self.classes)
 
-    def collate_fn(self):
+    def collate_fn(self) -> Callable[[Any], Any] | None:
         return collate_batch if self.batched else None
 
     def build_model(self) -> torch.nn.Module:
@@ -146,12 +152,12 @@ class ClassificationTask(StageTask):
             f"params | {len(self.val_ds)} val images, {len(self.classes)} classes"
         )
 
-    def train_step(self, engine, batches: list, ctx: StepContext) -> float:
+    def train_step(self, engine: DeepSpeedEngine, batches: list, ctx: StepContext) -> float:
         skipped = sum(int(b[2].gt(0).sum()) for b in batches)
         self.counters["skipped_images"] += reduce_count(skipped)
         return super().train_step(engine, batches, ctx)
 
-    def micro_loss(self, engine, batch, ctx: StepContext) -> torch.Tensor:
+    def micro_loss(self, engine: DeepSpeedEngine, batch: Sequence[torch.Tensor], ctx: StepContext) -> torch.Tensor:
         x, y, _ = batch
         x, target = make_targets(x, y, self.mixup, self.cfg.augment, len(self.classes))
         out = engine(pixel_values=x.to(ctx.device, ctx.dtype), labels=target.to(ctx.device),

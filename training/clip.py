@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -47,6 +47,12 @@ from .export import export_model
 from .fields import choice, num
 from .loop import StageTask, StepContext, reduce_count, run_stage
 from .towers import is_export, load_encoder, tower_config
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
+
+    from defocus_vlm.modeling_clip import DefocusCLIPModel
 
 
 # --------------------------------------------------------------------------- run config
@@ -142,7 +148,7 @@ class ClipRunConfig(RunConfig):
 
 
 # --------------------------------------------------------------------------- building blocks
-def build_tokenizer(text: TextTowerConfig):
+def build_tokenizer(text: TextTowerConfig) -> PreTrainedTokenizerBase:
     from defocus_vlm.processing_clip import byte_level_tokenizer
 
     name = text.tokenizer or text.pretrained
@@ -196,7 +202,7 @@ def _vision_tower(cfg: ClipRunConfig):
     return model.config, model
 
 
-def build_clip_model(cfg: ClipRunConfig, tokenizer):
+def build_clip_model(cfg: ClipRunConfig, tokenizer: PreTrainedTokenizerBase) -> DefocusCLIPModel:
     from defocus_vlm import DefocusCLIPConfig, DefocusCLIPModel
 
     vision_config, vision_model = _vision_tower(cfg)
@@ -260,7 +266,7 @@ class ClipTask(StageTask):
         return open_pairs(d.source, path, d.val_split, d.image_column, d.caption_column, d.templates,
                           sample_templates=False)
 
-    def collate_fn(self):
+    def collate_fn(self) -> PairCollator:
         return self.collator
 
     def build_model(self) -> torch.nn.Module:
@@ -287,11 +293,11 @@ class ClipTask(StageTask):
     def _loss(self, image_embeds, text_embeds, scale, bias) -> torch.Tensor:
         return contrastive_loss(self.cfg.model.loss, image_embeds, text_embeds, scale, bias)
 
-    def micro_loss(self, engine, batch: dict, ctx: StepContext) -> torch.Tensor:
+    def micro_loss(self, engine: DeepSpeedEngine, batch: dict, ctx: StepContext) -> torch.Tensor:
         out = engine(**self._inputs(batch, ctx))
         return self._loss(out.image_embeds, out.text_embeds, out.logit_scale, out.logit_bias)
 
-    def train_step(self, engine, batches: list, ctx: StepContext) -> float:
+    def train_step(self, engine: DeepSpeedEngine, batches: list, ctx: StepContext) -> float:
         self.counters["skipped_images"] += reduce_count(sum(b["skipped"] for b in batches))
         if len(batches) == 1:
             return super().train_step(engine, batches, ctx)

@@ -10,11 +10,15 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from .config import CONFIG_ROOT, ConfigError
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def _free_port() -> int:
@@ -96,14 +100,14 @@ def batch_layout(global_batch: int, micro_batch: int, world: int) -> tuple[int, 
     return micro, global_batch // (micro * world)
 
 
-def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> DeepSpeedEngine:
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
 
-def zero_stage(engine) -> int:
+def zero_stage(engine: DeepSpeedEngine) -> int:
     return int(engine.zero_optimization_stage())
 
 

@@ -4,12 +4,17 @@ step every stage ends with: ``from_pretrained`` / ``AutoModel*`` / ``pipeline`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
+    from transformers.image_processing_utils import BaseImageProcessor
 
-def export_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], processor,
-                 out_dir: str | Path) -> Path:
+
+def export_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                 processor: ProcessorMixin | BaseImageProcessor, out_dir: str | Path) -> Path:
     """Load ``state_dict`` (the trained weights, any dtype/device) into ``model`` (a freshly built model of
     the trained config) in float32, and save it with ``processor`` to ``out_dir``."""
     out_dir = Path(out_dir)

@@ -20,7 +20,7 @@ import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -44,6 +44,16 @@ from .export import export_model
 from .fields import choice, num
 from .loop import StageTask, StepContext, run_stage
 from .towers import is_export, load_encoder, tower_config
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from defocus_vlm.configuration_defocus import DefocusVisionConfig
+    from defocus_vlm.modeling_defocus import DefocusVisionModel
+    from defocus_vlm.modeling_vlm import DefocusVLMForConditionalGeneration
+    from defocus_vlm.processing_vlm import DefocusVLMProcessor
 
 TUNE_MODES = ("projector", "finetune")
 CHAR_TOKENIZER = "char"
@@ -160,7 +170,7 @@ def read_chat_template(value: str) -> str:
     return Path(value).read_text()
 
 
-def load_tokenizer(spec: str, train_json: str | None = None):
+def load_tokenizer(spec: str, train_json: str | None = None) -> PreTrainedTokenizerBase:
     """``spec`` as in :class:`LanguageModelConfig`; ``words`` reads its vocabulary from ``train_json``."""
     from defocus_vlm.llm import build_char_tokenizer, build_word_tokenizer, load_tokenizer
 
@@ -174,7 +184,7 @@ def load_tokenizer(spec: str, train_json: str | None = None):
     return load_tokenizer(spec)
 
 
-def vision_tower(v: VisionTowerConfig):
+def vision_tower(v: VisionTowerConfig) -> DefocusVisionModel | DefocusVisionConfig:
     """A DefocusVisionModel (an export's encoder) or a DefocusVisionConfig (a preset)."""
     return load_encoder(v) if is_export(v) else tower_config(v, num_labels=0)
 
@@ -194,7 +204,7 @@ def saved_normalisation(source: str) -> tuple[list | None, list | None]:
     return None, None
 
 
-def random_language_config(config: dict, tokenizer):
+def random_language_config(config: dict, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The config of a randomly initialised causal LM from a config dict, its vocabulary and special tokens
     the tokenizer's."""
     from transformers import AutoConfig
@@ -212,7 +222,7 @@ def random_language_config(config: dict, tokenizer):
         raise ConfigError(f"model.llm.config: {err}") from err
 
 
-def random_language_model(text_config):
+def random_language_model(text_config: PretrainedConfig) -> PreTrainedModel:
     """A randomly initialised causal LM of ``text_config``."""
     from transformers import AutoModelForCausalLM
 
@@ -222,7 +232,7 @@ def random_language_model(text_config):
         raise ConfigError(f"model.llm.config: {err}") from err
 
 
-def enable_activation_checkpointing(model) -> None:
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute activations in the backward pass (non-reentrant, so frozen inputs need no grad)."""
     compat.enable_activation_checkpointing(model, {"use_reentrant": False})
 
@@ -234,13 +244,13 @@ class InstructTask(StageTask):
 
     # ---- the parts data and model share, built on first use (build_data and build_model may run in either order)
     @cached_property
-    def vision(self):
+    def vision(self) -> DefocusVisionModel | DefocusVisionConfig | None:
         """The vision tower: a DefocusVisionModel (an export's encoder), a DefocusVisionConfig (a preset), or None
         when the model starts from ``model.init_from``."""
         return None if self.cfg.model.init_from else vision_tower(self.cfg.model.vision)
 
     @cached_property
-    def processor(self):
+    def processor(self) -> DefocusVLMProcessor:
         """The processor the data is encoded with and the model is exported with. Its config is the model's:
         ``build_model`` builds the model of ``processor.vlm_config`` (or loads ``model.init_from``, whose saved
         config the processor read)."""
@@ -308,7 +318,7 @@ class InstructTask(StageTask):
         return {"input_ids": torch.from_numpy(self.encoder.encode_prompt(history)),
                 "images": conversation.images[:shown], "answer": conversation.messages[last]["content"]}
 
-    def collate_fn(self):
+    def collate_fn(self) -> LlavaCollator:
         return LlavaCollator(self.processor.tokenizer.pad_token_id)
 
     # ---- model
@@ -356,7 +366,7 @@ class InstructTask(StageTask):
                 f"{self.num_train} train conversations{dropped}{evals}")
 
     # ---- one step
-    def micro_loss(self, engine, batch: dict, ctx: StepContext) -> torch.Tensor:
+    def micro_loss(self, engine: DeepSpeedEngine, batch: dict, ctx: StepContext) -> torch.Tensor:
         return engine(**self._inputs(batch, ctx), labels=batch["labels"].to(ctx.device)).loss
 
     @staticmethod
@@ -400,7 +410,8 @@ class InstructTask(StageTask):
         correct = sum(exact_match(a, self.eval_prompts[i]["answer"]) for a, i in zip(answers, chunk))
         return torch.tensor([float(loss_sum), tokens, correct, len(chunk)], dtype=torch.float64)
 
-    def generate(self, model, prompts: list[dict], ctx: StepContext, synced: bool = False) -> list[str]:
+    def generate(self, model: DefocusVLMForConditionalGeneration | PeftModel, prompts: list[dict], ctx: StepContext,
+                 synced: bool = False) -> list[str]:
         """Greedy answers to left-padded prompts (``_prompt`` items). synced: every process runs every
         decoding step (ZeRO-3, where each forward needs all processes)."""
         tokenizer = self.processor.tokenizer

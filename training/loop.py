@@ -15,10 +15,10 @@ import copy
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from .optim import build_optimizer, set_lr
 from .run_dir import config_yaml
 from .sampler import EpochSampler
 from .schedules import drop_path_at, lr_at, scaled_lr
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 @dataclass
@@ -98,7 +101,7 @@ class StageTask:
         """Open and validate the data (before any training); return the training dataset."""
         raise NotImplementedError
 
-    def collate_fn(self):
+    def collate_fn(self) -> Callable[[Any], Any] | None:
         return None  # torch's default collate
 
     def build_model(self) -> torch.nn.Module:
@@ -365,7 +368,7 @@ def run_stage(task: StageTask, cfg: Any, resume: bool = False) -> dict:
     return Run(task, cfg, resume).train()
 
 
-def full_state_dict(engine) -> dict | None:
+def full_state_dict(engine: DeepSpeedEngine) -> dict | None:
     """The whole model's weights on process 0 (None elsewhere under ZeRO-3, whose partitioned
     parameters are gathered here: call it on every process)."""
     if zero_stage(engine) == 3:

@@ -11,8 +11,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import ProcessorMixin
 
 BASE_DIR = "base"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,8 +61,8 @@ def base_state_dict(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def export_lora(peft_model, state: dict[str, torch.Tensor], base_model: torch.nn.Module, processor,
-                out_dir: str | os.PathLike) -> Path:
+def export_lora(peft_model: PeftModel, state: dict[str, torch.Tensor], base_model: torch.nn.Module,
+                processor: ProcessorMixin, out_dir: str | os.PathLike) -> Path:
     """Write the adapter of ``peft_model`` (weights from ``state``, its full state dict) to ``out_dir``
     and ``base_model`` (an unwrapped VLM of the same config) loaded with the base weights to ``out_dir/base``."""
     out_dir = Path(out_dir)
@@ -85,7 +90,7 @@ def base_dir_of(adapter_dir: str | os.PathLike) -> Path:
     return Path(base)
 
 
-def load_lora(adapter_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_lora(adapter_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PeftModel, ProcessorMixin]:
     """(peft model, processor) of an exported adapter directory, ready for inference."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -9,7 +9,9 @@ It records when each step ended, for :meth:`SyntheticClassificationTask.images_p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
@@ -18,6 +20,9 @@ from .augment import build_mixup
 from .classification import ClassificationRunConfig, ClassificationTask, build_model_config
 from .engine import batch_layout, device
 from .loop import StepContext
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def synthetic_batches(count: int, batch: int, channels: int, size: int, classes: int, seed: int,
@@ -65,7 +70,7 @@ class SyntheticClassificationTask(ClassificationTask):
         steps = t.max_steps or 1
         return IndexDataset(steps * t.batch_size)
 
-    def collate_fn(self):
+    def collate_fn(self) -> Callable[[list[Any]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         def collate(items: list):
             images, labels = self.pool[self.served % len(self.pool)]
             self.served += 1
@@ -77,7 +82,7 @@ class SyntheticClassificationTask(ClassificationTask):
         return (f"{self.name}: {self.model_config.preset} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                 f"params | {self.pool_size} random batches of {self.micro} on {device()}")
 
-    def train_step(self, engine, batches: list, ctx: StepContext) -> float:
+    def train_step(self, engine: DeepSpeedEngine, batches: list, ctx: StepContext) -> float:
         loss = super().train_step(engine, batches, ctx)  # reads the loss back: the device has finished the step
         self.step_ends.append(time.perf_counter())
         return loss

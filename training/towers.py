@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, VisionTowerConfig
+
+if TYPE_CHECKING:
+    from defocus_vlm.configuration_defocus import DefocusVisionConfig
+    from defocus_vlm.modeling_defocus import DefocusVisionModel
 
 KEY = "model.vision"  # where every stage's run config keeps its VisionTowerConfig
 
@@ -27,7 +31,7 @@ def saved_model_type(v: VisionTowerConfig) -> str:
     return json.loads(config.read_text()).get("model_type", "")
 
 
-def tower_config(v: VisionTowerConfig, saved: Any = None, **fixed: Any):
+def tower_config(v: VisionTowerConfig, saved: Any = None, **fixed: Any) -> DefocusVisionConfig:
     """The DefocusVisionConfig of preset ``v.source`` (``saved`` None) or of an export's ``saved`` config,
     with ``v.overrides``. ``fixed``: the fields the stage sets itself (from its data or other keys)."""
     from defocus_vlm import DefocusVisionConfig
@@ -64,7 +68,7 @@ def load_weights(module: Any, encoder: Any, v: VisionTowerConfig) -> None:
     module.load_state_dict(saved)
 
 
-def load_encoder(v: VisionTowerConfig, apply_overrides: bool = True):
+def load_encoder(v: VisionTowerConfig, apply_overrides: bool = True) -> DefocusVisionModel:
     """The DefocusVisionModel saved in directory ``v.source`` (a vision model or classifier, a CLIP model's
     image tower or a VLM's vision tower), rebuilt with ``v.overrides`` when there are any."""
     from defocus_vlm import DefocusCLIPModel, DefocusVisionModel

@@ -47,7 +47,7 @@ def scan_floor_bytes(batch: int, dim: int, length: int, nstate: int, itemsize: i
 
 
 def op_inputs(op: str, width: int, length: int, device: torch.device, dtype: torch.dtype, grad: bool,
-            batch: int = 1):
+            batch: int = 1) -> tuple[torch.Tensor, ...]:
     g = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_(grad)  # noqa: E731
     heads = width // 64
@@ -73,7 +73,7 @@ def op_inputs(op: str, width: int, length: int, device: torch.device, dtype: tor
     return last(), r(inner, 4), r(inner)
 
 
-def op_calls(op: str, args, device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
+def op_calls(op: str, args: tuple[torch.Tensor, ...], device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
     """Backend name -> zero-argument call; external baselines are named ``baseline:*``."""
     calls: dict[str, Callable[[], torch.Tensor]] = {}
     if op == "attention":

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, TextIO
 
 from defocus_vlm.cli_options import add_device
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from defocus_vlm.inference import VLMAnswerer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device(parser)
 
 
-def reply(answerer, messages: list[dict], image, max_new_tokens: int, out=None) -> str:
+def reply(answerer: VLMAnswerer, messages: list[dict], image: Image.Image, max_new_tokens: int,
+          out: TextIO | None = None) -> str:
     """Generate the assistant's next turn for ``messages``, printing tokens as they come (to ``out``,
     default: the sys.stdout of the moment, not the one at import time, which may be closed since)."""
     out = out or sys.stdout

@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from defocus_vlm.cli_options import add_device
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device(parser)
 
 
-def class_names(config) -> list[str]:
+def class_names(config: PretrainedConfig) -> list[str]:
     """id2label, or ImageNet names for a 1000-class model whose labels are the defaults."""
     n = config.num_labels
     names = [str(config.id2label.get(i, config.id2label.get(str(i), i))) for i in range(n)]

@@ -11,6 +11,7 @@ import gzip
 import io
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -197,7 +198,7 @@ def detect_source(path: str | Path) -> str:
 
 def open_source(
     source: str, path: str | Path, split: str, image_column: str = "image", label_column: str = "label"
-):
+) -> IdxSource | HFSource:
     """Open one split, or raise DataError with the path and the reason."""
     path = Path(path)
     if source == "auto":
@@ -243,7 +244,7 @@ def open_source(
     raise DataError(f"unknown data source {source!r}")
 
 
-def verify_source(source, count: int, split: str, on_corrupt: str = "skip", limit: int = 0) -> None:
+def verify_source(source: Any, count: int, split: str, on_corrupt: str = "skip", limit: int = 0) -> None:
     """Decode images of ``split`` before training: all of them when the set (its first ``limit`` samples
     when a limit is set) holds at most ``count`` (-1 = all), else ``count`` spread evenly over it. With
     ``on_corrupt="fail"`` any unreadable one is a DataError now, not when training reaches it; with

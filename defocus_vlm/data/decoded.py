@@ -5,6 +5,7 @@ the batch's ``(index, seed)`` pairs (``__getitems__``) and the batch transform a
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ DECODE_MAX_BYTES = 2**30  # larger splits stay per-image (decoded lazily, one im
 BatchTransform = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
-def decode_split(source, in_chans: int, limit: int = 0, max_bytes: int = DECODE_MAX_BYTES):
+def decode_split(source: Any, in_chans: int, limit: int = 0,
+                 max_bytes: int = DECODE_MAX_BYTES) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(images uint8 (N, C, H, W), labels int64 (N,))`` of the first ``limit`` samples (0 = all), or
     None when they do not fit: images of several sizes, an unreadable image (the per-image path applies
     ``data.on_corrupt`` to it) or more than ``max_bytes``."""
@@ -66,6 +68,8 @@ class DecodedDataset(Dataset):
         return x, self.labels[idx], torch.zeros(len(items), dtype=torch.int64)
 
 
-def collate_batch(batch):
+def collate_batch(
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``collate_fn`` for :class:`DecodedDataset`: its ``__getitems__`` already returns the batch."""
     return batch

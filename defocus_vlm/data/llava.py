@@ -21,6 +21,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from defocus_vlm.constants import IMAGE_TOKEN
 from defocus_vlm.image_io import ImageError, load_image
 
 from .classification import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -104,7 +108,7 @@ def _render(tokenizer, messages: list[dict], chat_template: str | None, generati
                                          add_generation_prompt=generation_prompt)
 
 
-def assistant_char_spans(tokenizer, messages: list[dict], chat_template: str | None = None
+def assistant_char_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str | None = None
                          ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of each assistant turn, found by rendering
     prefixes: a turn starts where ``messages[:i]`` + generation prompt ends and stops where
@@ -126,12 +130,12 @@ def assistant_char_spans(tokenizer, messages: list[dict], chat_template: str | N
     return text, spans
 
 
-def has_generation_blocks(tokenizer, chat_template: str | None = None) -> bool:
+def has_generation_blocks(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> bool:
     template = chat_template or tokenizer.chat_template or ""
     return "generation %}" in template and "endgeneration" in template
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], chat_template: str | None = None
+def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str | None = None
                           ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it belongs to an assistant turn."""
     if has_generation_blocks(tokenizer, chat_template):

@@ -80,7 +80,7 @@ class TemplatedPairs:
     def where(self, i: int) -> str:
         return self.source.where(i)
 
-    def phrase(self, label) -> str:
+    def phrase(self, label: int | str) -> str:
         return self.names[label] if self.names is not None else str(label)
 
     def load(self, i: int) -> tuple[Image.Image, str]:
@@ -310,7 +310,7 @@ def open_pairs(
     caption_column: str = "caption",
     templates: Sequence[str] | None = None,
     sample_templates: bool = True,
-):
+) -> TablePairs | TarPairs | TemplatedPairs | HFPairs:
     """Open one split of image-text pairs, or raise DataError with the path and the reason.
 
     File sources (csv, jsonl, webdataset) are one split each: ``split`` is ignored. Labelled

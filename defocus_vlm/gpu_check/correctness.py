@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,11 @@ class _PytestRows:
     def __init__(self, ctx: SectionContext):
         self.ctx, self.selected, self.results = ctx, 0, {"passed": 0, "failed": 0, "skipped": 0}
 
-    def pytest_collection_finish(self, session) -> None:
+    def pytest_collection_finish(self, session: Any) -> None:
         self.selected = len(session.items)
         self.ctx.plan([f"pytest {item.nodeid}" for item in session.items] + ["CUDA-only tests (pytest)"])
 
-    def pytest_runtest_logreport(self, report) -> None:
+    def pytest_runtest_logreport(self, report: Any) -> None:
         if report.when != "call" and report.passed:
             return
         name = f"pytest {report.nodeid}" + ("" if report.when != "teardown" else " (teardown)")
@@ -214,7 +215,8 @@ class _References:
         self.device, self.dry = device, dry
         self.cache: dict = {}
 
-    def get(self, spec: OpSpec, index: int):
+    def get(self, spec: OpSpec, index: int) -> tuple[str, dict, dict[str, torch.Tensor], list[torch.Tensor],
+                                                     list[torch.Tensor], dict[str, torch.Tensor | None]]:
         key = (spec.name, index)
         if key not in self.cache:
             name, shape = spec.cases(self.dry)[index]

@@ -22,13 +22,17 @@ Run::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmms_eval.models.registry_v2 import ModelManifest
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 MODEL_NAME = "defocus_vlm"
 MODEL_CLASS_PATH = "defocus_vlm.eval.lmms_eval_plugin.model.DefocusVLM"
 
 
-def model_manifest():
+def model_manifest() -> ModelManifest:
     """The ``lmms_eval.models`` entry point: registers :class:`~.model.DefocusVLM` as ``defocus_vlm``."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
