@@ -140,8 +140,8 @@ def _chunked(u, delta, A, B, C, D, z, initial_state, max_chunk):
 def _mamba_ssm(u, delta, A, B, C, D, z, initial_state, max_chunk, delta_softplus):  # pragma: no cover - CUDA only
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    if initial_state is not None:
-        return _softplus_first(_chunked)(u, delta, A, B, C, D, z, initial_state, max_chunk, delta_softplus)
+    if initial_state is not None:  # mamba-ssm's scan starts from zero: a streamed chunk takes the chunked scan
+        return BACKENDS["chunked"](u, delta, A, B, C, D, z, initial_state, max_chunk, delta_softplus)
     y, last = selective_scan_fn(u, delta.to(u.dtype), A.float(), B, C, D, z, delta_softplus=delta_softplus,
                                 return_last_state=True)  # one dtype
     return y, last
