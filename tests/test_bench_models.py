@@ -56,3 +56,9 @@ def test_parse_variant_refuses(spec, message):
 def test_bench_models_refuses_a_reserved_name(capsys):
     assert main(["bench", "models", "--config", "fashion_defocus_vit", *TINY, "--variant", "timm"]) == 2
     assert "must be unique" in capsys.readouterr().err
+
+
+def test_bench_models_refuses_a_variant_with_other_images(capsys):
+    assert main(["bench", "models", "--config", "fashion_defocus_vit", *TINY,
+                 "--variant", "big", "data.img_size=32"]) == 2
+    assert "differs from the config's" in capsys.readouterr().err

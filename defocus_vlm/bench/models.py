@@ -72,6 +72,12 @@ def run_model_benchmark(config: str, overrides: list[str], variants: list[list[s
         batch_size = batch_size or cfg.train.batch_size
         models[name] = (DefocusVisionForImageClassification(build_model_config(cfg, classes)), True, kernels, extra)
     base_config = models["base"][0].config
+    shape = (base_config.in_chans, base_config.img_size)
+    for name, (model, *_rest) in models.items():  # one batch of images feeds every contender
+        own = (model.config.in_chans, model.config.img_size)
+        if own != shape:
+            raise ValueError(f"--variant {name}: (channels, image size) {own} differs from the config's {shape}; "
+                             "every contender times the same images")
     if timm:
         models["timm"] = (timm_vit(base_config, 0.0), False, None, [])
     pixels = torch.randn(batch_size, base_config.in_chans, base_config.img_size, base_config.img_size, device=dev)
