@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/experiments.py benchmarks/plans/fashion_claim.yaml [--jobs 2] [--only GROUP ...]
         [--rows ROW ...] [--seeds S ...] [--rerun]
     .venv/bin/python benchmarks/experiments.py benchmarks/plans/fashion_claim.yaml --collect
+    .venv/bin/python benchmarks/experiments.py benchmarks/plans/fashion_claim.yaml --table KEY ... [--only GROUP ...]
+        [--per-seed KEY | --paired ROW BASELINE]
 
 A plan (YAML) names a stage, shared overrides and groups of rows x seeds; each (row, seed) is one
 ``defocus-vlm train STAGE --config CONFIG [overrides] train.seed=S train.output_dir=DIR`` command.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -285,6 +288,39 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
             "groups": groups, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": summary, "runs": runs}
 
 
+def seeded(value: dict) -> list[tuple[int | None, float]]:
+    """A row's values of one key with their seeds; results written before the runner kept each value's seed
+    have the values alone, in seed order (seed None)."""
+    return list(zip(value.get("seeds") or [None] * len(value["values"]), value["values"]))
+
+
+def paired(results: dict, first: str, second: str, keys: list[str], groups: list[str] | None = None) -> str:
+    """A Markdown table of ``first`` - ``second`` per key over the seeds both rows finished: each seed's
+    difference, their mean +- std and the paired t statistic (mean / (std / sqrt(n)), n - 1 degrees of freedom;
+    "-" where it is undefined). Rows are looked up in ``groups`` (all if None); a row in several groups is the
+    same runs in each (the side-by-side's ``defocus_mamba`` is also each ablation's baseline)."""
+    lines = {}
+    for line in results["rows"]:
+        if not groups or line["group"] in groups:
+            lines.setdefault(line["row"], line)
+    for name in (first, second):
+        if name not in lines:
+            raise ValueError(f"no finished row {name!r} to pair (rows: {', '.join(lines)})")
+    out = [f"| {first} - {second} | seeds | per seed | mean ± std | paired t |", "|---|---|---|---|---|"]
+    for key in keys:
+        a, b = ({s if s is not None else i: v for i, (s, v) in enumerate(seeded(lines[name][key]))}
+                if key in lines[name] else {} for name in (first, second))
+        seeds = sorted(set(a) & set(b))
+        diffs = [a[s] - b[s] for s in seeds]
+        mean = statistics.fmean(diffs) if diffs else None
+        std = statistics.stdev(diffs) if len(diffs) > 1 else None
+        t = mean / (std / math.sqrt(len(diffs))) if std else None
+        out.append(f"| {key} | {len(seeds)} | " + ", ".join(f"s{s} {d:+.2f}" for s, d in zip(seeds, diffs))
+                   + " | " + ("-" if mean is None else f"{mean:+.2f}" + (f" ± {std:.2f}" if std is not None else ""))
+                   + " | " + ("-" if t is None else f"{t:.1f}") + " |")
+    return "\n".join(out)
+
+
 def table(results: dict, keys: list[str], groups: list[str] | None = None, per_seed: str | None = None) -> str:
     """A Markdown table: one line per row of ``results`` (from :func:`collect`) in ``groups`` (all if None), the
     mean +- std of each key; a group column when a row name is in more than one of them (the side-by-side's
@@ -299,10 +335,7 @@ def table(results: dict, keys: list[str], groups: list[str] | None = None, per_s
     def seeds_cell(line: dict) -> str:
         if per_seed not in line:
             return "-"
-        value = line[per_seed]
-        # results written before the runner kept each value's seed: the values alone, in seed order
-        seeds = value.get("seeds") or [None] * len(value["values"])
-        return ", ".join(("" if s is None else f"s{s} ") + f"{v:.2f}" for s, v in zip(seeds, value["values"]))
+        return ", ".join(("" if s is None else f"s{s} ") + f"{v:.2f}" for s, v in seeded(line[per_seed]))
 
     shown = [line for line in results["rows"] if not groups or line["group"] in groups]
     names = [line["row"] for line in shown]
@@ -339,10 +372,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the results JSON's rows (of the --only groups) as a Markdown table of these keys "
                              "(mean +- std)")
     parser.add_argument("--per-seed", metavar="KEY", help="with --table: a last column of KEY's value at each seed")
+    parser.add_argument("--paired", nargs=2, metavar=("ROW", "BASELINE"),
+                        help="with --table: ROW - BASELINE for each key, seed by seed (mean +- std, paired t)")
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
     if args.table:
-        print(table(json.loads((ROOT / plan["results"]).read_text()), args.table, args.only, args.per_seed))
+        results = json.loads((ROOT / plan["results"]).read_text())
+        try:
+            print(paired(results, *args.paired, args.table, args.only) if args.paired
+                  else table(results, args.table, args.only, args.per_seed))
+        except ValueError as error:
+            raise SystemExit(f"{plan['results']}: {error}") from None
         return 0
     jobs = [j for j in plan_jobs(plan, args.only)
             if (not args.rows or j.row in args.rows) and (not args.seeds or j.seed in args.seeds)]

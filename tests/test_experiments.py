@@ -220,3 +220,24 @@ def test_rerun_runs_recorded_runs_again(root, capsys):
     assert experiments.main([str(plan), "--rows", "a", "objects-a", "--seeds", "0", "--rerun"]) == 0
     calls = (root / "calls.txt").read_text().splitlines()
     assert [c.split()[0] for c in calls] == ["train", "train", "eval"] and "objects-a-seed0" in calls[0]
+
+
+def test_paired_differences_match_by_seed(root):
+    """--paired: ROW - BASELINE on the seeds both finished (a missing seed drops out, it is not shifted), with the
+    mean, std and paired t; seedless values of older results pair by position; an unknown row names the rows."""
+    def row(name, seeds, values, group="g"):
+        return {"group": group, "row": name, "seeds": len(values),
+                "raw.top1": {"mean": 0, "std": 0, "values": values, "seeds": seeds}}
+
+    results = {"plan": "p", "rows": [row("base", [0, 1, 2], [90.0, 91.0, 92.0]),
+                                     row("new", [0, 2, 3], [91.0, 92.5, 99.0]),
+                                     row("old", None, [90.5, 92.0], group="h")]}
+    lines = experiments.paired(results, "new", "base", ["raw.top1", "ema.top1"]).splitlines()
+    assert lines[0] == "| new - base | seeds | per seed | mean ± std | paired t |"
+    # seeds 0 and 2: +1.0 and +0.5; mean 0.75, std 0.354, t = 0.75 / (0.354 / sqrt 2) = 3.0
+    assert lines[2] == "| raw.top1 | 2 | s0 +1.00, s2 +0.50 | +0.75 ± 0.35 | 3.0 |"
+    assert lines[3] == "| ema.top1 | 0 |  | - | - |"
+    assert experiments.paired(results, "old", "base", ["raw.top1"]).splitlines()[2] == \
+        "| raw.top1 | 2 | s0 +0.50, s1 +1.00 | +0.75 ± 0.35 | 3.0 |"
+    with pytest.raises(ValueError, match=r"no finished row 'old' to pair \(rows: base, new\)"):
+        experiments.paired(results, "old", "base", ["raw.top1"], groups=["g"])
