@@ -222,7 +222,7 @@ def test_rerun_runs_recorded_runs_again(root, capsys):
     assert [c.split()[0] for c in calls] == ["train", "train", "eval"] and "objects-a-seed0" in calls[0]
 
 
-def test_paired_differences_match_by_seed(root):
+def test_paired_differences_match_by_seed():
     """--paired: ROW - BASELINE on the seeds both finished (a missing seed drops out, it is not shifted), with the
     mean, std and paired t; seedless values of older results pair by position; an unknown row names the rows."""
     def row(name, seeds, values, group="g"):
