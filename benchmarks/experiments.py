@@ -252,6 +252,14 @@ def numbers(metrics: dict, prefix: str) -> dict[str, float]:
     return out
 
 
+def summarise(pairs: list[tuple[int, float]]) -> dict:
+    """One key of a row: the (seed, value) pairs of its runs as mean, std over seeds, values and seeds."""
+    values = [value for _, value in pairs]
+    return {"mean": round(statistics.fmean(values), 3),
+            "std": round(statistics.stdev(values), 3) if len(values) > 1 else None,
+            "values": values, "seeds": [seed for seed, _ in pairs]}
+
+
 def collect(plan: dict, jobs: list[Job]) -> dict:
     runs, rows = [], {}
     for job in jobs:
@@ -273,19 +281,30 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
             for key, value in found.items():
                 rows.setdefault((job.group, job.row), {}).setdefault(key, []).append((job.seed, value))
         runs.append(entry)
-    summary = []
-    for (group, row), metrics in rows.items():
-        line = {"group": group, "row": row, "seeds": len(next(iter(metrics.values())))}
-        for key, pairs in metrics.items():
-            values = [value for _, value in pairs]
-            line[key] = {"mean": round(statistics.fmean(values), 3),
-                         "std": round(statistics.stdev(values), 3) if len(values) > 1 else None,
-                         "values": values, "seeds": [seed for seed, _ in pairs]}
-        summary.append(line)
+    summary = [{"group": group, "row": row, "seeds": len(next(iter(metrics.values())))}
+               | {key: summarise(pairs) for key, pairs in metrics.items()}
+               for (group, row), metrics in rows.items()]
     groups = {g["name"]: {"stage": g.get("stage", plan["stage"]), "budget": g.get("budget", [])}
               for g in plan["groups"]}
     return {"plan": plan["name"], "budget": plan.get("budget", []), "common": plan.get("common", []),
             "groups": groups, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": summary, "runs": runs}
+
+
+def with_curves(results: dict) -> dict:
+    """``results`` with each row's learning curve as keys ``epochN.top1`` / ``epochN.top5`` (the raw weights'
+    validation at the end of epoch N, from the finished runs' curves), so that --table and --paired show how fast
+    the rows learn, not only where they end."""
+    curves: dict[tuple[str, str], dict[str, list]] = {}
+    for run in results["runs"]:
+        for record in run.get("curve", []) if run["done"] else []:
+            val = record["val"]
+            for metric in ("top1", "top5"):
+                if metric in val:
+                    curves.setdefault((run["group"], run["row"]), {}).setdefault(
+                        f"epoch{val['epoch']}.{metric}", []).append((run["seed"], val[metric]))
+    rows = [line | {key: summarise(pairs) for key, pairs in curves.get((line["group"], line["row"]), {}).items()}
+            for line in results["rows"]]
+    return results | {"rows": rows}
 
 
 def seeded(value: dict) -> list[tuple[int | None, float]]:
@@ -370,14 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print each run's state and command")
     parser.add_argument("--table", nargs="+", metavar="KEY",
                         help="print the results JSON's rows (of the --only groups) as a Markdown table of these keys "
-                             "(mean +- std)")
+                             "(mean +- std): raw.top1, ema.top5, ..., or epochN.top1 for the validation after epoch N")
     parser.add_argument("--per-seed", metavar="KEY", help="with --table: a last column of KEY's value at each seed")
     parser.add_argument("--paired", nargs=2, metavar=("ROW", "BASELINE"),
                         help="with --table: ROW - BASELINE for each key, seed by seed (mean +- std, paired t)")
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
     if args.table:
-        results = json.loads((ROOT / plan["results"]).read_text())
+        results = with_curves(json.loads((ROOT / plan["results"]).read_text()))
         try:
             print(paired(results, *args.paired, args.table, args.only) if args.paired
                   else table(results, args.table, args.only, args.per_seed))

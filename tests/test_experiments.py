@@ -241,3 +241,21 @@ def test_paired_differences_match_by_seed():
         "| raw.top1 | 2 | s0 +0.50, s1 +1.00 | +0.75 ± 0.35 | 3.0 |"
     with pytest.raises(ValueError, match=r"no finished row 'old' to pair \(rows: base, new\)"):
         experiments.paired(results, "old", "base", ["raw.top1"], groups=["g"])
+
+
+def test_learning_curves_become_epoch_keys():
+    """--table epochN.top1: each row's validation after epoch N, mean over the seeds whose run finished (an
+    unfinished run's partial curve is left out), beside the final numbers."""
+    def run(seed, curve, done=True):
+        return {"group": "g", "row": "r", "seed": seed, "done": done,
+                "curve": [{"step": 10 * (e + 1), "val": {"epoch": e + 1, "samples": 5, "top1": t}}
+                          for e, t in enumerate(curve)]}
+
+    results = {"plan": "p", "rows": [{"group": "g", "row": "r", "seeds": 2,
+                                      "raw.top1": {"mean": 91.0, "std": 1.0, "values": [90.0, 92.0],
+                                                   "seeds": [0, 1]}}],
+               "runs": [run(0, [70.0, 90.0]), run(1, [74.0, 92.0]), run(2, [10.0], done=False)]}
+    lines = experiments.table(experiments.with_curves(results), ["epoch1.top1", "epoch2.top1", "raw.top1",
+                                                                 "epoch3.top1"]).splitlines()
+    assert lines[2] == "| r | 2 | 72.00 ± 2.83 | 91.00 ± 1.41 | 91.00 ± 1.00 | - |"
+    assert "epoch1.top1" not in results["rows"][0]  # the record itself is left as it is
