@@ -268,7 +268,7 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
             if job.argv:
                 metrics = json.loads((job.out / "metrics.json").read_text())
                 entry |= {"val": metrics["val"], "steps": metrics["steps"], "wall_s": metrics["wall_s"],
-                          "curve": val_curve(job.out)}
+                          "wall_s_total": metrics.get("wall_s_total"), "curve": val_curve(job.out)}
             for name in job.evals:
                 entry.setdefault("evals", {})[name] = json.loads((job.eval_dir(name) / "metrics.json").read_text())
         elif job.record:

@@ -100,9 +100,13 @@ def test_resume_reproduces_uninterrupted_losses(full_run, tmp_path):
         f.write('{"step": 6, "loss": 9.0, "lr": 0.1}\n{"step": 7, "loss": 9.0, "lr": 0.1}\n{"step": 8, "lo')
     second = run(tiny(tmp_path, "train.stop_after=11"), resume=True)
     assert second.get("interrupted")
+    before = json.loads((tmp_path / "checkpoints" / "step_11" / "loop_state.json").read_text())["wall_s"]
     rest = run(tiny(tmp_path), resume=True)
     assert rest["losses"] == full["losses"]  # exact, not approximate
     assert rest["val"] == full["val"]
+    # the run's wall time counts its segments up to their last checkpoints, not only the last one's
+    assert full["wall_s_total"] == full["wall_s"] and before > 0
+    assert rest["wall_s_total"] == pytest.approx(before + rest["wall_s"], abs=0.02)
     records = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 17))  # each step once, the killed run's 6 and 7 replaced by the resumed ones

@@ -162,6 +162,7 @@ class Run:
             self._plan_steps()
             self._build_engine()
             self.epoch, self.step_in_epoch, self.global_step, self.losses = 0, 0, 0, []
+            self.wall_before: float | None = 0.0  # training time of earlier segments (None: not recorded)
             if resume:
                 self._restore()
             self.logger = RunLogger(self.run_dir, self.total_steps, self.global_step, self.is_main,
@@ -231,6 +232,7 @@ class Run:
             trim_history(self.run_dir / HISTORY_FILE, state["global_step"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.losses = list(state["losses"])
+        self.wall_before = state.get("wall_s")  # checkpoints written before it was recorded have none
         self.task.counters.update(state.get("extra", {}))
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -309,7 +311,8 @@ class Run:
     def save(self, next_epoch: int, next_step: int) -> None:
         """A checkpoint from which a resumed run continues at (``next_epoch``, ``next_step``)."""
         state = {"epoch": next_epoch, "step_in_epoch": next_step, "global_step": self.global_step,
-                 "losses": self.losses, "extra": self.task.counters, "total_steps": self.total_steps}
+                 "losses": self.losses, "extra": self.task.counters, "total_steps": self.total_steps,
+                 "wall_s": self.wall_total(time.time() - self.start_time)}
         ckpt.save(self.engine, self.ckpt_dir, self.global_step, state,
                   self.ema.state_dict() if self.ema is not None else None, config_yaml(self.cfg),
                   self.t.keep_checkpoints)
@@ -326,6 +329,11 @@ class Run:
                                 {"epoch": self.epoch, **values})
         if self.metrics:
             self.logger.write(f"epoch {self.epoch}: {self.task.summary_line(self.metrics)}")
+
+    def wall_total(self, this_process: float) -> float | None:
+        """Wall seconds of the run over all its segments up to now (the work an interruption threw away
+        not counted), or None when it resumed from a checkpoint that did not record it."""
+        return None if self.wall_before is None else round(self.wall_before + this_process, 2)
 
     # ---- the end
     def summary(self) -> dict:
@@ -353,7 +361,8 @@ class Run:
             else:
                 self.task.export(state, export_dir)
             plot_curve(self.run_dir / HISTORY_FILE, self.run_dir / "training_curve.png", self.task.curve_metric)
-        summary = {**self.summary(), "val": self.metrics, "wall_s": round(wall, 2), **self.task.counters,
+        summary = {**self.summary(), "val": self.metrics, "wall_s": round(wall, 2),
+                   "wall_s_total": self.wall_total(wall), **self.task.counters,
                    "export": str(export_dir)}
         if self.is_main:
             metrics = {k: v for k, v in summary.items() if k != "losses"}
