@@ -291,17 +291,16 @@ def collect(plan: dict, jobs: list[Job]) -> dict:
 
 
 def with_curves(results: dict) -> dict:
-    """``results`` with each row's learning curve as keys ``epochN.top1`` / ``epochN.top5`` (the raw weights'
+    """``results`` with each row's learning curve as keys ``epochN.METRIC`` (``epoch5.top1``: the raw weights'
     validation at the end of epoch N, from the finished runs' curves), so that --table and --paired show how fast
     the rows learn, not only where they end."""
     curves: dict[tuple[str, str], dict[str, list]] = {}
     for run in results["runs"]:
         for record in run.get("curve", []) if run["done"] else []:
-            val = record["val"]
-            for metric in ("top1", "top5"):
-                if metric in val:
-                    curves.setdefault((run["group"], run["row"]), {}).setdefault(
-                        f"epoch{val['epoch']}.{metric}", []).append((run["seed"], val[metric]))
+            epoch = record["val"]["epoch"]
+            for key, value in numbers(record["val"], f"epoch{epoch}").items():
+                if key != f"epoch{epoch}.epoch":
+                    curves.setdefault((run["group"], run["row"]), {}).setdefault(key, []).append((run["seed"], value))
     rows = [line | {key: summarise(pairs) for key, pairs in curves.get((line["group"], line["row"]), {}).items()}
             for line in results["rows"]]
     return results | {"rows": rows}

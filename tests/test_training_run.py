@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from defocus_vlm.training.checkpoint import LOOP_STATE
 from defocus_vlm.training.config import load_config
 
 torch.set_num_threads(1)
@@ -100,7 +101,7 @@ def test_resume_reproduces_uninterrupted_losses(full_run, tmp_path):
         f.write('{"step": 6, "loss": 9.0, "lr": 0.1}\n{"step": 7, "loss": 9.0, "lr": 0.1}\n{"step": 8, "lo')
     second = run(tiny(tmp_path, "train.stop_after=11"), resume=True)
     assert second.get("interrupted")
-    before = json.loads((tmp_path / "checkpoints" / "step_11" / "loop_state.json").read_text())["wall_s"]
+    before = json.loads((tmp_path / "checkpoints" / "step_11" / LOOP_STATE).read_text())["wall_s"]
     rest = run(tiny(tmp_path), resume=True)
     assert rest["losses"] == full["losses"]  # exact, not approximate
     assert rest["val"] == full["val"]
