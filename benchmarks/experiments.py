@@ -297,10 +297,9 @@ def with_curves(results: dict) -> dict:
     curves: dict[tuple[str, str], dict[str, list]] = {}
     for run in results["runs"]:
         for record in run.get("curve", []) if run["done"] else []:
-            epoch = record["val"]["epoch"]
-            for key, value in numbers(record["val"], f"epoch{epoch}").items():
-                if key != f"epoch{epoch}.epoch":
-                    curves.setdefault((run["group"], run["row"]), {}).setdefault(key, []).append((run["seed"], value))
+            metrics = {key: value for key, value in record["val"].items() if key != "epoch"}
+            for key, value in numbers(metrics, f"epoch{record['val']['epoch']}").items():
+                curves.setdefault((run["group"], run["row"]), {}).setdefault(key, []).append((run["seed"], value))
     rows = [line | {key: summarise(pairs) for key, pairs in curves.get((line["group"], line["row"]), {}).items()}
             for line in results["rows"]]
     return results | {"rows": rows}

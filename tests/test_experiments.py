@@ -259,3 +259,5 @@ def test_learning_curves_become_epoch_keys():
                                                                  "epoch3.top1"]).splitlines()
     assert lines[2] == "| r | 2 | 72.00 ± 2.83 | 91.00 ± 1.41 | 91.00 ± 1.00 | - |"
     assert "epoch1.top1" not in results["rows"][0]  # the record itself is left as it is
+    assert set(experiments.with_curves(results)["rows"][0]) == {  # the epoch counter is no metric
+        "group", "row", "seeds", "raw.top1", "epoch1.top1", "epoch2.top1"}
