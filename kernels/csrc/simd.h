@@ -70,6 +70,11 @@ inline V horner(V f, const E (&c)[M]) {
 inline Simd<float>::V exp2_poly(Simd<float>::V f) { return horner(f, kExp2Float); }
 inline Simd<double>::V exp2_poly(Simd<double>::V f) { return horner(f, kExp2Double); }
 
+// Round to nearest by the 1.5 * 2^mantissa trick: in x + kRoundMagic<E> the fraction bits fall off
+// (|x| < 2^(mantissa - 1)), and round(x) then also sits in the low bits of the sum.
+template <typename E>
+constexpr E kRoundMagic = E(1.5) * E(int64_t{1} << (std::is_same_v<E, float> ? 23 : 52));
+
 // 2^x = 2^k 2^f with k = round(x), f = x - k. NaN stays NaN.
 #ifdef DEFOCUS_CPU_AVX512
 // vscalef applies 2^k with correct overflow to inf and gradual underflow; the clamp keeps k finite
@@ -88,9 +93,8 @@ inline Simd<double>::V vexp2(Simd<double>::V xv) {
   return (Simd<double>::V)_mm512_scalef_pd(p, k);
 }
 #else
-// Portable: k by the 1.5 * 2^mantissa rounding trick (k then sits in the low bits of x + magic);
-// 2^k applied as two factors 2^(k/2) so that results down to the subnormals and up to overflow
-// come out right. x is clamped where 2^x has already underflowed / overflowed.
+// Portable: k by kRoundMagic (read from the low bits of x + magic); 2^k applied as two factors
+// 2^(k/2) so that results down to the subnormals and up to overflow come out right. x is clamped where 2^x has already underflowed / overflowed.
 template <typename T>
 struct Bits;  // IEEE layout: exponent bias, mantissa bits, 2^x underflows / overflows beyond lo / hi
 template <>
@@ -111,7 +115,7 @@ inline V vexp2(V x) {
   using Bt = Bits<E>;
   x = x < splat(Bt::lo) ? splat(Bt::lo) : x;
   x = x > splat(Bt::hi) ? splat(Bt::hi) : x;
-  const V magic = splat(E(1.5) * E(int64_t{1} << Bt::mantissa));
+  const V magic = splat(kRoundMagic<E>);
   const V t = x + magic;
   const V kf = t - magic;
   const V p = exp2_poly(x - kf);
@@ -137,7 +141,7 @@ inline V vexp(V x) {
   const E ln2_hi = single ? E(0.693359375) : E(6.93147180369123816490e-01);  // few bits: k ln2_hi is exact
   const E ln2_lo = single ? E(-2.12194440e-4) : E(1.90821492927058770002e-10);
   x = x < splat(E(-1000)) ? splat(E(-1000)) : x;
-  const V magic = splat(E(1.5) * E(int64_t{1} << (single ? 23 : 52)));
+  const V magic = splat(kRoundMagic<E>);
   const V k = (x * E(kLog2e) + magic) - magic;  // round to nearest (|x log2 e| < 2^22)
   const V r = (x - k * ln2_hi) - k * ln2_lo;
   return vexp2(r * E(kLog2e)) * vexp2(k);
