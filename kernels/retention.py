@@ -5,6 +5,11 @@
 q and k arrive already rotated and scaled. RetNet's per-row normalisations are left to
 the group norm that follows in the mixer: it is invariant to them (up to its eps).
 
+Half-precision inputs are computed in float32 (as fla's kernels do inside, and as the selective scan
+does): bf16 holds token positions exactly only up to 256, rounds a decay of 0.998 to 1.0, and a bf16 state
+would lose 2^-8 of itself at every streamed step. The output comes back in the input dtype, the state in
+float32.
+
 Three exact forms, each carrying the state so that streaming is the same code:
 - ``parallel``: one (L x L) decay-masked product (the reference),
 - ``chunkwise``: parallel inside chunks, recurrent across them (memory linear in L),
@@ -13,9 +18,11 @@ Three exact forms, each carrying the state so that streaming is the same code:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .dispatch import KernelOp
+from .dispatch import KernelOp, compute_dtype
 
 
 def _chunk(q, k, v, log_decay, state):
@@ -35,10 +42,23 @@ def _chunk(q, k, v, log_decay, state):
     return out, new_state
 
 
+def _in_compute_dtype(form):
+    """``form`` run in ``compute_dtype(q)``: output back in q's dtype, state left in the compute dtype."""
+    @functools.wraps(form)
+    def run(q, k, v, log_decay, state, chunk_size):
+        dtype = compute_dtype(q)
+        up = [t.to(dtype) for t in (q, k, v, log_decay)]
+        out, new_state = form(*up, None if state is None else state.to(dtype), chunk_size)
+        return out.to(q.dtype), new_state
+    return run
+
+
+@_in_compute_dtype
 def _parallel(q, k, v, log_decay, state, chunk_size):
     return _chunk(q, k, v, log_decay, state)
 
 
+@_in_compute_dtype
 def _chunkwise(q, k, v, log_decay, state, chunk_size):
     outs = []
     for start in range(0, q.shape[-2], chunk_size):
@@ -48,6 +68,7 @@ def _chunkwise(q, k, v, log_decay, state, chunk_size):
     return torch.cat(outs, dim=-2), state
 
 
+@_in_compute_dtype
 def _recurrent(q, k, v, log_decay, state, chunk_size):
     b, h, length, dk = q.shape
     if state is None:
@@ -91,7 +112,7 @@ def _fla_call(fn, q, k, v, log_decay, state):
         kwargs["g_gamma"] = log_decay.to(torch.float32)
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     out, final = fn(qt, kt, vt, **kwargs)
-    return out.transpose(1, 2).to(q.dtype), final.to(q.dtype)
+    return out.transpose(1, 2).to(q.dtype), final.to(compute_dtype(q))
 
 
 def _fla(q, k, v, log_decay, state, chunk_size):  # pragma: no cover - needs CUDA + fla
