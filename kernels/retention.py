@@ -5,10 +5,10 @@
 q and k arrive already rotated and scaled. RetNet's per-row normalisations are left to
 the group norm that follows in the mixer: it is invariant to them (up to its eps).
 
-Half-precision inputs are computed in float32 (as fla's kernels do inside, and as the selective scan
-does): bf16 holds token positions exactly only up to 256, rounds a decay of 0.998 to 1.0, and a bf16 state
-would lose 2^-8 of itself at every streamed step. The output comes back in the input dtype, the state in
-float32.
+Half-precision inputs: positions, decays and the state are computed in float32 (as fla's kernels do
+inside, and as the selective scan does), since bf16 holds token positions exactly only up to 256, rounds a
+decay of 0.998 to 1.0, and a bf16 state would lose 2^-8 of itself at every streamed step; the (L x L)
+products stay in the input dtype, as in fla. The output comes back in the input dtype, the state in float32.
 
 Three exact forms, each carrying the state so that streaming is the same code:
 - ``parallel``: one (L x L) decay-masked product (the reference),
@@ -26,20 +26,36 @@ from .dispatch import KernelOp, compute_dtype
 
 
 def _chunk(q, k, v, log_decay, state):
-    """Parallel form on one chunk, starting from ``state`` (B, H, Dk, Dv) or None."""
-    length = q.shape[-2]
-    pos = torch.arange(length, device=q.device, dtype=q.dtype)
-    lam = log_decay.to(q.dtype)[:, None, None]
+    """Parallel form on one chunk, starting from ``state`` (B, H, Dk, Dv) or None. Positions, decays and the
+    state are in the compute dtype; the (L x L) products stay in q's dtype (bf16 matmuls, fast on CPU), with
+    the decays rounded to it once."""
+    length, dtype = q.shape[-2], compute_dtype(q)
+    pos = torch.arange(length, device=q.device, dtype=dtype)
+    lam = log_decay.to(dtype)[:, None, None]
     dist = pos[:, None] - pos[None, :]
-    mask = torch.where(dist >= 0, (lam * dist.clamp(min=0)).exp(), torch.zeros((), dtype=q.dtype, device=q.device))
-    out = ((q @ k.transpose(-1, -2)) * mask) @ v
-    decay_to_end = (lam[..., 0] * (length - 1 - pos)).exp()  # (H, L)
-    new_state = (k * decay_to_end[..., None]).transpose(-1, -2) @ v
+    mask = torch.where(dist >= 0, (lam * dist.clamp(min=0)).exp(), torch.zeros((), dtype=dtype, device=q.device))
+    out = ((q @ k.transpose(-1, -2)) * mask.to(q.dtype)) @ v
+    decay_to_end = (lam[..., 0] * (length - 1 - pos)).exp().to(q.dtype)  # (H, L)
+    new_state = ((k * decay_to_end[..., None]).transpose(-1, -2) @ v).to(dtype)
     if state is not None:
+        state = state.to(dtype)
         decay_from_start = (lam[..., 0] * (pos + 1)).exp()  # (H, L)
-        out = out + (q * decay_from_start[..., None]) @ state
+        out = out + ((q.to(dtype) * decay_from_start[..., None]) @ state).to(q.dtype)
         new_state = new_state + (lam * length).exp() * state
     return out, new_state
+
+
+def _parallel(q, k, v, log_decay, state, chunk_size):
+    return _chunk(q, k, v, log_decay, state)
+
+
+def _chunkwise(q, k, v, log_decay, state, chunk_size):
+    outs = []
+    for start in range(0, q.shape[-2], chunk_size):
+        sl = slice(start, start + chunk_size)
+        out, state = _chunk(q[..., sl, :], k[..., sl, :], v[..., sl, :], log_decay, state)
+        outs.append(out)
+    return torch.cat(outs, dim=-2), state
 
 
 def _in_compute_dtype(form):
@@ -51,21 +67,6 @@ def _in_compute_dtype(form):
         out, new_state = form(*up, None if state is None else state.to(dtype), chunk_size)
         return out.to(q.dtype), new_state
     return run
-
-
-@_in_compute_dtype
-def _parallel(q, k, v, log_decay, state, chunk_size):
-    return _chunk(q, k, v, log_decay, state)
-
-
-@_in_compute_dtype
-def _chunkwise(q, k, v, log_decay, state, chunk_size):
-    outs = []
-    for start in range(0, q.shape[-2], chunk_size):
-        sl = slice(start, start + chunk_size)
-        out, state = _chunk(q[..., sl, :], k[..., sl, :], v[..., sl, :], log_decay, state)
-        outs.append(out)
-    return torch.cat(outs, dim=-2), state
 
 
 @_in_compute_dtype
