@@ -18,8 +18,6 @@ Three exact forms, each carrying the state so that streaming is the same code:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .dispatch import KernelOp, compute_dtype
@@ -58,28 +56,18 @@ def _chunkwise(q, k, v, log_decay, state, chunk_size):
     return torch.cat(outs, dim=-2), state
 
 
-def _in_compute_dtype(form):
-    """``form`` run in ``compute_dtype(q)``: output back in q's dtype, state left in the compute dtype."""
-    @functools.wraps(form)
-    def run(q, k, v, log_decay, state, chunk_size):
-        dtype = compute_dtype(q)
-        up = [t.to(dtype) for t in (q, k, v, log_decay)]
-        out, new_state = form(*up, None if state is None else state.to(dtype), chunk_size)
-        return out.to(q.dtype), new_state
-    return run
-
-
-@_in_compute_dtype
 def _recurrent(q, k, v, log_decay, state, chunk_size):
-    b, h, length, dk = q.shape
-    if state is None:
-        state = q.new_zeros(b, h, dk, v.shape[-1])
-    gamma = log_decay.to(q.dtype).exp()[:, None, None]
+    """One token at a time, all in the compute dtype (a streamed step is small; its state must not be
+    rounded to bf16 at every step)."""
+    (b, h, length, dk), in_dtype, dtype = q.shape, q.dtype, compute_dtype(q)
+    state = q.new_zeros(b, h, dk, v.shape[-1], dtype=dtype) if state is None else state.to(dtype)
+    gamma = log_decay.to(dtype).exp()[:, None, None]
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     outs = []
     for t in range(length):
         state = gamma * state + k[..., t, :, None] * v[..., t, None, :]
         outs.append((q[..., t, None, :] @ state)[..., 0, :])
-    return torch.stack(outs, dim=-2), state
+    return torch.stack(outs, dim=-2).to(in_dtype), state
 
 
 # --- fla (flash-linear-attention) -------------------------------------------------------------------

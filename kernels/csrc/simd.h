@@ -94,7 +94,8 @@ inline Simd<double>::V vexp2(Simd<double>::V xv) {
 }
 #else
 // Portable: k by kRoundMagic (read from the low bits of x + magic); 2^k applied as two factors
-// 2^(k/2) so that results down to the subnormals and up to overflow come out right. x is clamped where 2^x has already underflowed / overflowed.
+// 2^(k/2) so that results down to the subnormals and up to overflow come out right. x is clamped
+// where 2^x has already underflowed / overflowed.
 template <typename T>
 struct Bits;  // IEEE layout: exponent bias, mantissa bits, 2^x underflows / overflows beyond lo / hi
 template <>
