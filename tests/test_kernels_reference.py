@@ -321,7 +321,7 @@ def test_attention_bf16_matches_fp32_reference():
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=2**-5 * expected.abs().max().item())
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def _rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
@@ -338,12 +338,12 @@ def test_retention_bf16_keeps_decays_and_state_in_fp32(backend):
     expected, expected_state = retention(**fp, backend="parallel")
     out, state = retention(**bf, chunk_size=64, backend=backend)
     assert (out.dtype, state.dtype) == (torch.bfloat16, torch.float32)
-    assert _rel(out, expected) < 2**-7 and _rel(state, expected_state) < 2**-7
+    assert _rel_norm(out, expected) < 2**-7 and _rel_norm(state, expected_state) < 2**-7
     grad = torch.randn_like(expected)
     expected.backward(grad)
     out.backward(grad.bfloat16())
     for name in ("q", "k", "v"):
-        assert _rel(bf[name].grad, fp[name].grad) < 2**-7, name
+        assert _rel_norm(bf[name].grad, fp[name].grad) < 2**-7, name
 
 
 def test_retention_bf16_streamed_matches_one_shot():
@@ -358,7 +358,7 @@ def test_retention_bf16_streamed_matches_one_shot():
         step = {k: (v if k == "log_decay" else v[..., t:t + 1, :]) for k, v in inputs.items()}
         out, state = retention(**step, state=state)
         outs.append(out)
-    assert _rel(torch.cat(outs, dim=-2), one_shot) < 2**-7 and _rel(state, final) < 2**-7
+    assert _rel_norm(torch.cat(outs, dim=-2), one_shot) < 2**-7 and _rel_norm(state, final) < 2**-7
 
 
 # ----------------------------------------------------------------------------- causal conv1d
