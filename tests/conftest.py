@@ -67,6 +67,11 @@ def images(batch: int = 2, size: int = 16, channels: int = 3, dtype=torch.float3
     return torch.randn(batch, channels, size, size, dtype=dtype)
 
 
+def rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of ``a`` against ``b`` in norm, computed in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_clean_env(monkeypatch):
     """Same seed for every test; no kernel override leaking in from the caller's shell."""

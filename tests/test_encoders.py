@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import ALL_PRESETS, CAUSAL_FAMILIES, FAMILIES, images, tiny_encoder, tiny_encoder_config
+from conftest import ALL_PRESETS, CAUSAL_FAMILIES, FAMILIES, images, rel_norm, tiny_encoder, tiny_encoder_config
 from defocus_vlm.encoders import DefocusEncoder, get_preset
 from defocus_vlm.encoders.layers import drop_path, drop_path_rates
 from defocus_vlm.encoders.mixers import DefocusMambaMixer
@@ -358,3 +358,48 @@ def test_rope_angles_stay_accurate_in_bf16():
         got = f16.rotate(x, 0)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=0, atol=2**-6 * expected.abs().max().item())
+
+
+def test_rms_norm_bf16_is_rounded_once_and_keeps_its_output_dtype():
+    """bf16 in, bf16 weight: normalised and scaled in float32, rounded once (error of rounding the exact result;
+    rounding before the scale put it at 1.4x). The output dtype is the weight's when that is half precision
+    (a float32 residual in, bf16 out), else that of weight * x."""
+    from defocus_vlm.encoders.layers import RMSNorm
+
+    norm = RMSNorm(32, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    half = RMSNorm(32, 1e-5).bfloat16()
+    half.load_state_dict(norm.state_dict())
+    exact = RMSNorm(32, 1e-5).double()
+    exact.load_state_dict(half.state_dict())
+    x = torch.randn(4, 200, 32).bfloat16()
+    with torch.no_grad():
+        want, got = exact(x.double()), half(x)
+        assert got.dtype == torch.bfloat16 and half(x.float()).dtype == torch.bfloat16
+        assert norm(x).dtype == torch.float32 and exact(x.float()).dtype == F64
+    assert rel_norm(got, want) < 1.1 * rel_norm(want.bfloat16(), want)
+
+
+def test_mamba_delta_adds_the_dt_bias_in_fp32_under_bf16(monkeypatch):
+    """mamba-ssm adds dt_proj's bias (-2.3 to -6.9) to W dt in float32: rounding the sum to bf16 costs Delta
+    ~0.6 % on average, rounding W dt alone ~0.02 %. Delta (after its softplus) of a bf16 mixer against a float32
+    mixer holding the same bf16 weights, on the same bf16 input."""
+    cfg = tiny_encoder_config("defocus_mamba_tiny", embed_dim=64)
+    half = DefocusMambaMixer(cfg).bfloat16()
+    full = DefocusMambaMixer(cfg)
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    deltas = []
+    scan = MIXERS_MOD.selective_scan
+
+    def spy(u, delta, *args, delta_softplus=False, **kw):
+        assert delta.dtype != torch.bfloat16
+        deltas.append(torch.nn.functional.softplus(delta.double()) if delta_softplus else delta.double())
+        return scan(u, delta, *args, delta_softplus=delta_softplus, **kw)
+
+    monkeypatch.setattr(MIXERS_MOD, "selective_scan", spy)
+    x = torch.randn(2, 100, 64).bfloat16()
+    with torch.no_grad():
+        full(x.float()), half(x)
+    want, got = deltas
+    assert ((got - want).abs() / want).mean() < 1e-3

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_norm
 from defocus_vlm.kernels import (
     apply_rope,
     causal_conv1d,
@@ -321,10 +322,6 @@ def test_attention_bf16_matches_fp32_reference():
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=2**-5 * expected.abs().max().item())
 
 
-def _rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.mark.parametrize("backend", ["parallel", "chunkwise", "recurrent"])
 def test_retention_bf16_keeps_decays_and_state_in_fp32(backend):
     """bf16 inputs past 256 tokens (bf16 positions are not exact there), with a decay near 1 (0.998 is 1.0 in
@@ -338,12 +335,12 @@ def test_retention_bf16_keeps_decays_and_state_in_fp32(backend):
     expected, expected_state = retention(**fp, backend="parallel")
     out, state = retention(**bf, chunk_size=64, backend=backend)
     assert (out.dtype, state.dtype) == (torch.bfloat16, torch.float32)
-    assert _rel_norm(out, expected) < 2**-7 and _rel_norm(state, expected_state) < 2**-7
+    assert rel_norm(out, expected) < 2**-7 and rel_norm(state, expected_state) < 2**-7
     grad = torch.randn_like(expected)
     expected.backward(grad)
     out.backward(grad.bfloat16())
     for name in ("q", "k", "v"):
-        assert _rel_norm(bf[name].grad, fp[name].grad) < 2**-7, name
+        assert rel_norm(bf[name].grad, fp[name].grad) < 2**-7, name
 
 
 def test_retention_bf16_streamed_matches_one_shot():
@@ -358,7 +355,7 @@ def test_retention_bf16_streamed_matches_one_shot():
         step = {k: (v if k == "log_decay" else v[..., t:t + 1, :]) for k, v in inputs.items()}
         out, state = retention(**step, state=state)
         outs.append(out)
-    assert _rel_norm(torch.cat(outs, dim=-2), one_shot) < 2**-7 and _rel_norm(state, final) < 2**-7
+    assert rel_norm(torch.cat(outs, dim=-2), one_shot) < 2**-7 and rel_norm(state, final) < 2**-7
 
 
 # ----------------------------------------------------------------------------- causal conv1d
@@ -438,6 +435,17 @@ def test_rope_rotation_by_hand_and_norm():
     torch.testing.assert_close(apply_rope(y, a).norm(dim=-1), y.norm(dim=-1), **TOL64)  # a rotation
     with pytest.raises(ValueError, match="even"):
         apply_rope(torch.randn(2, 5), torch.zeros(2, 5))
+
+
+def test_rope_bf16_is_rounded_once():
+    """A bf16 rotation is computed in float32 and rounded once: its error against float64 is that of rounding
+    the exact result to bf16 (rounding cos, sin and both products as well put it at 1.6x)."""
+    x = torch.randn(4, 200, 32).bfloat16()
+    angles = torch.rand(200, 32) * 50
+    exact = apply_rope(x.double(), angles.double())
+    got = apply_rope(x, angles)
+    assert got.dtype == torch.bfloat16
+    assert rel_norm(got, exact) < 1.1 * rel_norm(exact.bfloat16(), exact)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "stacked_qkv_view", "odd_offset"])
