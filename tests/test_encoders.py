@@ -400,6 +400,7 @@ def test_mamba_delta_adds_the_dt_bias_in_fp32_under_bf16(monkeypatch):
     monkeypatch.setattr(MIXERS_MOD, "selective_scan", spy)
     x = torch.randn(2, 100, 64).bfloat16()
     with torch.no_grad():
-        full(x.float()), half(x)
+        full(x.float())
+        half(x)
     want, got = deltas
     assert ((got - want).abs() / want).mean() < 1e-3
