@@ -10,7 +10,7 @@ from, is printed and written.
 
 Every step is a ``defocus-vlm`` command line, printed before it runs, so any step can be re-run by
 hand. A step whose outputs exist is reused unless ``force``; the table records each step's time.
-On a GPU the configs switch to CUDA + bf16 by themselves (``train.precision: auto``).
+Its training configs ask for bf16 (DeepSpeed's bf16 mode, float32 master weights) on the CPU as on a GPU.
 
 On a CPU machine with at least two cores the lanes run side by side, one core each (every training
 config uses ``train.cpu_threads: 1``): the Fashion-MNIST lane in the foreground with its progress
