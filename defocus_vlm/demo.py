@@ -10,9 +10,9 @@ from, is printed and written.
 
 Every step is a ``defocus-vlm`` command line, printed before it runs, so any step can be re-run by
 hand. A step whose outputs exist is reused unless ``force``; the table records each step's time.
-Its training configs ask for bf16 (DeepSpeed's bf16 mode, float32 master weights) on the CPU as on a GPU:
-on a Zen 5 CPU the float32 demo took 20.4 min and the bf16 one 14.0 (README); a CPU without native bf16
-would rather have ``train.precision: fp32`` in these four configs.
+Its training configs ask for bf16 (DeepSpeed's bf16 mode, float32 master weights) on the CPU as on a GPU,
+to fit the demo's time on slower CPUs (README, "Why bf16"); a CPU without native bf16 would rather have
+``train.precision: fp32`` in these four configs.
 
 On a CPU machine with at least two cores the lanes run side by side, one core each (every training
 config uses ``train.cpu_threads: 1``): the Fashion-MNIST lane in the foreground with its progress

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from defocus_vlm.kernels.dispatch import compute_dtype
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -56,13 +57,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        half = (torch.float16, torch.bfloat16)
-        x32 = x.float() if x.dtype in half else x
+        x32 = x.to(compute_dtype(x))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         # A half-precision weight sets the output dtype: a bf16 MambaBlock hands its float32
         # residual (residual_in_fp32) to this norm and needs bf16 out for its bf16 projections.
         # Otherwise the output has the promoted dtype of x and the weight (as weight * x would).
-        dtype = self.weight.dtype if self.weight.dtype in half else torch.promote_types(x.dtype, self.weight.dtype)
+        half = self.weight.dtype in (torch.float16, torch.bfloat16)
+        dtype = self.weight.dtype if half else torch.promote_types(x.dtype, self.weight.dtype)
         return (self.weight * normed).to(dtype)  # scaled in float32, rounded once
 
 

@@ -24,12 +24,10 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """
     if x.shape[-1] % 2:
         raise ValueError(f"RoPE needs an even feature size, got {x.shape[-1]}")
-    # Half-precision x is rotated in float32 and rounded once (cos, sin and the two products would each round).
-    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    cos, sin = angles.cos().to(work.dtype), angles.sin().to(work.dtype)
-    x_pairs = work.unflatten(-1, (-1, 2))
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x_pairs = x.unflatten(-1, (-1, 2))
     swapped = torch.stack((-x_pairs[..., 1], x_pairs[..., 0]), dim=-1).flatten(-2)
-    return (work * cos + swapped * sin).to(x.dtype)
+    return x * cos + swapped * sin
 
 
 def apply_rope_tied(x: torch.Tensor, pair_angles: torch.Tensor) -> torch.Tensor:
